@@ -1,0 +1,3 @@
+from autoresearch_cli.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""The messages an llm agent sends: program.md, the reply format, train.py, the history."""
+
+from __future__ import annotations
+
+from autoresearch_cli.agents import HistoryItem
+
+REPLY_FORMAT = """\
+# How to reply
+
+You change train.py, the only file you may edit; prepare.py, program.md and ar.toml are
+fixed. Each reply is one experiment: one idea, trained for the fixed time budget and kept
+only if val_bpb (lower is better) beats the best so far.
+
+Reply with one line
+
+Description: <what you change and why, in under 100 characters>
+
+followed by either SEARCH/REPLACE blocks (preferred: short and exact)
+
+train.py
+<<<<<<< SEARCH
+lines copied from the current train.py, exactly, indentation and comments included
+=======
+the lines that replace them
+>>>>>>> REPLACE
+
+or the complete new train.py in one ```python fenced block.
+
+Rules for SEARCH/REPLACE blocks:
+- The SEARCH lines must match exactly one place in train.py; include a few neighbouring
+  lines when a line occurs more than once.
+- Keep blocks small: only the lines that change plus enough context to be unique.
+- Blocks are applied in order; use several blocks for changes in several places.
+- Never leave code out with "..." in a whole-file reply.
+"""
+
+REPAIR_ADVICE = "Fix it if it is something simple, otherwise try something else."
+ELIDED_TEXT = "... {count} experiments elided ..."
+FAILURE_TAIL_CHARS = 4000
+DESCRIPTION_CHARS = 120
+KEEP_FIRST = 3
+KEEP_BEST = 5
+
+
+def build_messages(program_md: str, train_py: str, history: list[HistoryItem],
+                   failure: str | None, max_history_chars: int = 6000) -> list[dict[str, str]]:
+    """The chat messages for one proposal: system = instructions, user = the state."""
+    system = program_md.rstrip() + "\n\n" + REPLY_FORMAT
+    parts = [f"The current train.py:\n\n```python\n{train_py.rstrip()}\n```"]
+    parts.append(history_section(history, max_history_chars))
+    if failure:
+        parts.append(failure_section(failure))
+    else:
+        parts.append("Propose the next experiment.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def failure_section(failure: str) -> str:
+    tail = failure.strip()
+    if len(tail) > FAILURE_TAIL_CHARS:
+        tail = "...\n" + tail[-FAILURE_TAIL_CHARS:]
+    return f"The last proposal failed:\n\n```\n{tail}\n```\n\n{REPAIR_ADVICE}"
+
+
+def history_section(history: list[HistoryItem], max_chars: int = 6000) -> str:
+    """A table of past experiments, cut to about `max_chars` when it is long.
+
+    A long history keeps the first few rows (the baseline), the best results and as many
+    of the most recent rows as fit; a marker line says how many rows were left out.
+    """
+    if not history:
+        return "No experiments have run yet."
+    rows = [_row(item) for item in history]
+    header = ("Experiments so far (delta: val_bpb minus the best before it; negative is "
+              "better):\nid | status | val_bpb | delta | description")
+    summary = _summary(history)
+    chosen = _choose_rows(history, rows, max_chars - len(header) - len(summary))
+    lines = [header]
+    previous = -1
+    for index in chosen:
+        if index > previous + 1:
+            lines.append(ELIDED_TEXT.format(count=index - previous - 1))
+        lines.append(rows[index])
+        previous = index
+    if previous < len(rows) - 1:
+        lines.append(ELIDED_TEXT.format(count=len(rows) - 1 - previous))
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+def _row(item: HistoryItem) -> str:
+    val_bpb = "-" if item.val_bpb is None else f"{item.val_bpb:.6f}"
+    delta = "-" if item.delta is None else f"{item.delta:+.6f}"
+    description = " ".join((item.description or "").split())
+    if len(description) > DESCRIPTION_CHARS:
+        description = description[:DESCRIPTION_CHARS - 3] + "..."
+    return f"{item.experiment_id} | {item.status} | {val_bpb} | {delta} | {description}"
+
+
+def _summary(history: list[HistoryItem]) -> str:
+    scored = [item for item in history if item.val_bpb is not None]
+    text = f"{len(history)} experiments in all"
+    if scored:
+        best = min(scored, key=lambda item: item.val_bpb)
+        text += f"; the best val_bpb is {best.val_bpb:.6f} (experiment {best.experiment_id})"
+    return text + "."
+
+
+def _choose_rows(history: list[HistoryItem], rows: list[str], budget: int) -> list[int]:
+    """Indices of the rows to show, in order: all of them when they fit."""
+    if sum(len(row) + 1 for row in rows) <= budget:
+        return list(range(len(rows)))
+    scored = [index for index, item in enumerate(history) if item.val_bpb is not None]
+    best = sorted(scored, key=lambda index: history[index].val_bpb)[:KEEP_BEST]
+    chosen = set(range(min(KEEP_FIRST, len(rows)))) | set(best) | {len(rows) - 1}
+    marker = len(ELIDED_TEXT) + 8
+    used = sum(len(rows[index]) + 1 + marker for index in chosen)
+    for index in range(len(rows) - 1, -1, -1):
+        if index in chosen:
+            continue
+        cost = len(rows[index]) + 1
+        if used + cost > budget:
+            break
+        chosen.add(index)
+        used += cost
+    return sorted(chosen)

@@ -1,0 +1,136 @@
+"""Profiles and ar.toml: the constants that make runs comparable.
+
+ar.toml is written once by `ar init` and edited by the human only. prepare.py (inside the
+workspace) reads the [profile] table; the core reads everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from autoresearch_cli.errors import ConfigError
+
+CONFIG_NAME = "ar.toml"
+
+# Each profile fixes what a comparison between experiments needs fixed: the tokenizer's
+# vocabulary, the context length, the training budget and how many tokens the trusted
+# evaluation scores. `micro` exists for tests and smoke runs (seconds, not minutes).
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "vocab_size": 2048,  # small vocab: the embedding and head dominate tiny models
+        "max_seq_len": 256,  # context length in tokens
+        "time_budget": 60,  # training seconds, wall clock, excluding startup
+        "eval_tokens": 131072,  # validation tokens the trusted evaluation scores
+        "startup_allowance": 25,  # seconds on top of the budget before the hard kill
+        "eval_timeout": 120,  # seconds the trusted evaluation may take
+        "device": "auto",  # auto | cpu | cuda
+    },
+    "gpu": {
+        "vocab_size": 8192,
+        "max_seq_len": 2048,
+        "time_budget": 300,
+        "eval_tokens": 40 * 524288,  # ~21M tokens, as the original
+        "startup_allowance": 120,
+        "eval_timeout": 600,
+        "device": "auto",
+    },
+    "micro": {
+        "vocab_size": 512,
+        "max_seq_len": 64,
+        "time_budget": 3,
+        "eval_tokens": 8192,
+        "startup_allowance": 30,
+        "eval_timeout": 60,
+        "device": "cpu",
+    },
+}
+
+PUBLIC_PROFILES = ("cpu", "gpu")
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "source": "stdlib",
+        "val_percent": 5,  # share of documents (by hash) in the validation split
+        "holdout_percent": 5,  # share in the holdout split, never used for decisions
+    },
+    "sandbox": {
+        "max_rss_mb": 8192,  # whole process tree, polled
+        "max_vram_mb": 0,  # 0: no cap beyond the device
+        "max_file_mb": 2048,  # largest file a job may write
+        "max_open_files": 4096,
+        "network": False,  # False: cut the job off the network where the kernel allows
+    },
+    "agent": {
+        "name": "random",  # random | llm
+        "model": "",  # any litellm model string, e.g. anthropic/claude-sonnet-4-5
+        "api_base": "",  # OpenAI-compatible server or Ollama
+        "api_key_env": "",  # environment variable holding the key
+        "repair_attempts": 1,  # follow-up proposals after a crash
+        "temperature": 0.7,
+    },
+    "keep": {
+        "min_delta": -1.0,  # < 0: twice the baseline std when there are >= 2 repeats, else 0
+    },
+}
+
+
+def default_config(profile: str, tag: str, budget: int | None = None) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PUBLIC_PROFILES)}")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"budget must be a positive number of seconds, got {budget}")
+    config = copy.deepcopy(DEFAULTS)
+    config["profile"] = {"name": profile, **copy.deepcopy(PROFILES[profile])}
+    if budget is not None:
+        config["profile"]["time_budget"] = int(budget)
+    config["workspace"] = {"tag": tag, "branch": f"autoresearch/{tag}"}
+    return {key: config[key] for key in ("workspace", "profile", "data", "sandbox", "agent", "keep")}
+
+
+def dumps(config: dict[str, Any]) -> str:
+    header = "# ar workspace settings: edited by the human, never by an agent.\n"
+    return header + tomli_w.dumps(config)
+
+
+def write(path: Path, config: dict[str, Any]) -> None:
+    path.write_text(dumps(config))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read ar.toml and fill in defaults for tables or keys it does not have."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing") from None
+    try:
+        loaded = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    if "profile" not in loaded or "name" not in loaded["profile"]:
+        raise ConfigError(f"{path} has no [profile] table with a name")
+    name = loaded["profile"]["name"]
+    base = default_config(name if name in PROFILES else "cpu", loaded.get("workspace", {}).get("tag", "run"))
+    for table, values in loaded.items():
+        if isinstance(values, dict):
+            base.setdefault(table, {}).update(values)
+        else:
+            base[table] = values
+    _check(base, path)
+    return base
+
+
+def _check(config: dict[str, Any], path: Path) -> None:
+    profile = config["profile"]
+    for key in ("vocab_size", "max_seq_len", "time_budget", "eval_tokens"):
+        value = profile.get(key)
+        if not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{path}: [profile] {key} must be a positive number, got {value!r}")
+    if profile["vocab_size"] > 65536:
+        raise ConfigError(f"{path}: [profile] vocab_size {profile['vocab_size']} does not fit uint16 tokens")
+    if profile.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{path}: [profile] device must be auto, cpu or cuda")

@@ -1,0 +1,128 @@
+"""What `ar baseline` and `ar iterate` show while they run.
+
+On a terminal: a live panel (experiment k/N, its description, a training progress bar,
+best val_bpb and its delta from baseline, keep/discard/crash counts, cost so far).
+Elsewhere: one plain line per experiment.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from autoresearch_cli.gitops import short
+
+
+def _fmt_bpb(value: float | None) -> str:
+    return f"{value:.6f}" if value is not None else "-"
+
+
+def outcome_line(exp_id: int, result: dict[str, Any], decision: str | None, description: str) -> str:
+    status = decision or result["status"]
+    bpb = _fmt_bpb(result.get("val_bpb"))
+    reason = f"  ({result['reason']})" if result.get("reason") and status != "keep" else ""
+    return f"#{exp_id:<4d} {status:9s} val_bpb {bpb:>9s}  {description}{reason}"
+
+
+class Display:
+    """Receives the core's events; renders them live on a terminal, plainly otherwise."""
+
+    def __init__(self, live: bool | None = None, cost=None, baseline=None):
+        self.live = sys.stdout.isatty() if live is None else live
+        self.cost = cost or (lambda: None)
+        self.baseline = baseline or (lambda: None)
+        self.descriptions: dict[int, str] = {}
+        self.counts = {"keep": 0, "discard": 0, "crash": 0, "invalid": 0}
+        self.best: float | None = None
+        self.header = ""
+        self._progress = None
+        self._task = None
+        self._live = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def __enter__(self) -> Display:
+        if self.live:
+            from rich.live import Live
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+            )
+            self._live = Live(self._render(), refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    # --- events ----------------------------------------------------------------------
+
+    def __call__(self, kind: str, **details: Any) -> None:
+        getattr(self, f"on_{kind}", lambda **_: None)(**details)
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def on_note(self, message: str) -> None:
+        self._print(message)
+
+    def on_start(self, exp_id: int, index: int, total: int | None, description: str, sha: str) -> None:
+        self.descriptions[exp_id] = description
+        of = f"/{total}" if total else ""
+        self.header = f"experiment {index + 1}{of} (#{exp_id}, parent {short(sha)})"
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(description, total=100.0, loss="-")
+
+    def on_proposed(self, exp_id: int, description: str) -> None:
+        self.descriptions[exp_id] = description
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=description[:60])
+
+    def on_training(self, exp_id: int, budget: float) -> None:
+        pass
+
+    def on_progress(self, exp_id: int, progress: Any) -> None:
+        if self._progress is not None and self._task is not None:
+            loss = f"{progress.loss:.4f}" if progress.loss is not None else "-"
+            self._progress.update(self._task, completed=min(progress.percent, 100.0), loss=loss)
+
+    def on_done(self, exp_id: int, result: dict[str, Any], decision: str | None, best_bpb: float | None = None) -> None:
+        status = decision or result["status"]
+        bucket = status if status in self.counts else ("crash" if status in ("timeout", "oom") else None)
+        if bucket:
+            self.counts[bucket] += 1
+        if decision == "keep" and result.get("val_bpb") is not None:
+            self.best = result["val_bpb"] if self.best is None else min(self.best, result["val_bpb"])
+        self._print(outcome_line(exp_id, result, decision, self.descriptions.get(exp_id, "")))
+
+    # --- rendering -------------------------------------------------------------------
+
+    def _print(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def status_line(self) -> str:
+        baseline = self.baseline()
+        delta = ""
+        if self.best is not None and baseline is not None:
+            delta = f" ({self.best - baseline:+.6f} vs baseline {baseline:.6f})"
+        cost = self.cost()
+        cost_text = f"  cost ${cost:.4f}" if cost else ""
+        c = self.counts
+        return (f"best val_bpb {_fmt_bpb(self.best)}{delta}  keep {c['keep']}  discard {c['discard']}"
+                f"  crash {c['crash']}  invalid {c['invalid']}{cost_text}")
+
+    def _render(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        parts = [Text(self.header or "starting", style="bold"), Text(self.status_line())]
+        if self._progress is not None:
+            parts.insert(1, self._progress)
+        return Group(*parts)

@@ -1,0 +1,185 @@
+"""Running commits: the session that owns a workspace's experiments, recovery after a
+kill, one evaluated run of a commit in its own worktree, and `ar baseline`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoresearch_cli import gitops
+from autoresearch_cli.errors import DataError
+from autoresearch_cli.ledger import ExperimentLock, Ledger, lock_path
+from autoresearch_cli.workspace import PROTECTED_FILES, Workspace
+
+Events = Callable[..., None]  # on_event(kind: str, **details): the CLI renders them
+
+
+def _quiet(kind: str, **details: Any) -> None:
+    return None
+
+
+@dataclass
+class Session:
+    """What a command that runs experiments holds: the workspace, its settings, the ledger
+    and the experiment lock."""
+
+    ws: Workspace
+    config: dict[str, Any]
+    ledger: Ledger
+    recovered: list[dict[str, Any]] = field(default_factory=list)
+    current_experiment: int | None = None  # LLM calls are recorded against it
+
+    def export(self) -> None:
+        self.ledger.export_tsv(self.ws.results_tsv)
+
+
+@contextmanager
+def session(ws: Workspace, command: str) -> Iterator[Session]:
+    """Take the workspace's experiment lock, open the ledger and clean up after any ar
+    that was killed while it ran experiments here."""
+    config = ws.config()
+    with ExperimentLock(lock_path(ws.root), command=command):
+        with Ledger.for_workspace(ws.root) as ledger:
+            current = Session(ws, config, ledger)
+            current.recovered = recover(current)
+            yield current
+
+
+def recover(current: Session) -> list[dict[str, Any]]:
+    """Mark runs of a dead ar as interrupted, kill their jobs, remove their worktrees."""
+    rows = current.ledger.mark_interrupted()
+    for row in rows:
+        kill_stray_job(current.ws.runs_dir / str(row["id"]))
+    # we hold the lock: no worktree under .ar/worktrees belongs to a live run
+    if current.ws.worktrees_dir.exists():
+        for stray in current.ws.worktrees_dir.iterdir():
+            gitops.worktree_remove(current.ws.root, stray)
+    gitops.git(current.ws.root, "worktree", "prune", check=False)
+    if rows:
+        current.export()
+    return rows
+
+
+def kill_stray_job(run_dir: Path) -> None:
+    """Kill the process group of a job whose ar died (its pid is in run_dir/job.pid)."""
+    pid_file = run_dir / "job.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the job leads its own session and process group
+    except (ProcessLookupError, PermissionError):
+        pass
+    from sandbox.proctree import kill_session
+
+    kill_session(pid)
+
+
+def require_data(ws: Workspace) -> None:
+    if not (ws.data_dir / "manifest.json").is_file():
+        raise DataError("no prepared data in this workspace: run `ar prepare` first")
+
+
+def protected_changes(ws: Workspace, worktree: Path, sha: str) -> list[str]:
+    """Protected files whose bytes on disk in `worktree` differ from the branch's."""
+    changed = []
+    for name in PROTECTED_FILES:
+        committed = gitops.show_file(ws.root, sha, name)
+        on_disk = (worktree / name).read_bytes() if (worktree / name).is_file() else None
+        if committed != on_disk:
+            changed.append(name)
+    return changed
+
+
+def evaluate_commit(
+    current: Session, exp_id: int, sha: str, worktree: Path, on_event: Events = _quiet
+) -> dict[str, Any]:
+    """Train and evaluate the commit checked out in `worktree`; return result.json's dict."""
+    from sandbox.experiment import run_experiment
+
+    run_dir = current.ws.runs_dir / str(exp_id)
+    current.ledger.update(exp_id, status="running")
+    on_event("training", exp_id=exp_id, budget=current.config["profile"]["time_budget"])
+    result = run_experiment(
+        worktree, run_dir, current.config, current.ws.data_dir,
+        on_progress=lambda progress: on_event("progress", exp_id=exp_id, progress=progress),
+    )
+    tampered = protected_changes(current.ws, worktree, sha)
+    if tampered:
+        result.update(status="invalid", val_bpb=None, holdout_bpb=None,
+                      reason=f"the job rewrote {', '.join(tampered)} on disk")
+    return result
+
+
+def discard_weights(run_dir: Path) -> None:
+    """Keep the logs of a run that will not be kept, not its weights."""
+    shutil.rmtree(run_dir / "out", ignore_errors=True)
+
+
+@contextmanager
+def worktree_for(current: Session, exp_id: int, sha: str) -> Iterator[Path]:
+    path = current.ws.worktrees_dir / str(exp_id)
+    current.ws.worktrees_dir.mkdir(parents=True, exist_ok=True)
+    gitops.worktree_add(current.ws.root, path, sha)
+    try:
+        yield path
+    finally:
+        gitops.worktree_remove(current.ws.root, path)
+
+
+def mark_interrupted(current: Session, exp_id: int) -> None:
+    current.ledger.update(exp_id, status="interrupted", reason="interrupted by the user")
+    current.export()
+
+
+@dataclass
+class BaselineSummary:
+    sha: str
+    results: list[dict[str, Any]]
+
+    @property
+    def values(self) -> list[float]:
+        return [r["val_bpb"] for r in self.results if r["status"] == "ok"]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+
+def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> BaselineSummary:
+    """Train and evaluate the branch tip `repeat` times, each run a ledger row."""
+    require_data(current.ws)
+    tip = current.ws.tip()
+    summary = BaselineSummary(sha=tip, results=[])
+    for index in range(repeat):
+        exp_id = current.ledger.start_experiment(
+            "baseline", parent_sha=tip, description="baseline", agent=None,
+            status="running", branch=current.ws.branch,
+        )
+        current.ledger.update(exp_id, sha=tip)
+        on_event("start", exp_id=exp_id, index=index, total=repeat, description="baseline", sha=tip)
+        try:
+            with worktree_for(current, exp_id, tip) as worktree:
+                result = evaluate_commit(current, exp_id, tip, worktree, on_event)
+        except KeyboardInterrupt:
+            mark_interrupted(current, exp_id)
+            raise
+        decision = "keep" if result["status"] == "ok" else None
+        current.ledger.finish(exp_id, result["status"], decision, result, sha=tip)
+        current.export()
+        summary.results.append(result)
+        on_event("done", exp_id=exp_id, result=result, decision=decision)
+    return summary

@@ -1,0 +1,377 @@
+"""Runs one job under hard limits and tells how it ended.
+
+    result = run([sys.executable, "train.py"], cwd=worktree, env=job_env({"AR_TIME_BUDGET": "300"}),
+                 limits=Limits(wall_seconds=330, max_rss_mb=8192), log_path=run_dir / "train.log")
+
+The job starts in its own session through the launcher (limits.py), which applies the
+kernel's limits in the child (largest file, open files, no network) and execs the command.
+stdout and stderr go straight to the log file. ar watches from outside five times a
+second: wall clock, memory of the whole process tree, GPU memory, free disk, number of
+processes, size of the log. Crossing a limit kills the whole tree, grandchildren that
+called setsid() included, and the result says why. Nothing the job prints can change
+the outcome: the reason comes from ar's own clock, counters and the exit status.
+
+One job at a time per ar process: while a job runs, ar is the reaper of its orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoresearch_cli.errors import ArError, ConfigError
+from sandbox import netns
+from sandbox.gpu import GpuWatch
+from sandbox.proctree import KILL_ROUNDS_SECONDS, ProcTree, set_dumpable, set_subreaper
+from sandbox.progress import (
+    SLACK,
+    LogFollower,
+    Progress,
+    append_lines,
+    create_log,
+    drop_middle,
+    keep_head_and_tail,
+    read_tail,
+    restore_name,
+)
+
+MB = 2**20
+POLL_SECONDS = 0.2
+TERM_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL, when the job is not eating the host
+# The only variables of ar's environment a job inherits. API keys and tokens never pass.
+ENV_ALLOW = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TMPDIR",
+    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "LD_LIBRARY_PATH",
+)  # fmt: skip
+REASONS = ("ok", "crash", "timeout", "rss", "vram", "disk", "procs", "signal", "interrupted")
+
+_active = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_seconds: float = 600.0  # hard kill, counted from the start of the job
+    max_rss_mb: float | None = None  # memory of the whole process tree; None or 0: no cap
+    max_vram_mb: float | None = None  # GPU memory of the job; None or 0: no cap
+    max_file_mb: float = 2048  # largest file the job may write, its log included (kernel)
+    max_open_files: int = 4096
+    max_log_mb: float = 50  # beyond this the log keeps its head and tail, drops the middle
+    max_processes: int = 512  # processes in the tree at once
+    min_free_disk_mb: float = 256  # kill when free space where the job writes drops below
+    network: bool = False  # False: offline where the kernel allows it
+    user_namespace: bool = True  # False only for a driver that fails in one; weakens the limits
+
+    def __post_init__(self) -> None:
+        if not self.wall_seconds > 0:
+            raise ConfigError(f"the wall-clock limit must be positive, got {self.wall_seconds}")
+        if not self.max_file_mb > 0 or not self.max_log_mb > 0:
+            raise ConfigError("max_file_mb and max_log_mb must be positive")
+        if self.max_open_files < 16 or self.max_processes < 1:
+            raise ConfigError("max_open_files must be at least 16 and max_processes at least 1")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int | None  # negative: the signal that ended the job's first process
+    reason: str  # one of REASONS
+    wall_seconds: float
+    peak_rss_mb: float
+    peak_vram_mb: float | None  # None: no GPU was watched
+    gpu_util_percent: float | None
+    gpu_max_temp_c: float | None
+    gpu_note: str
+    network_isolated: bool
+    network_note: str
+    log_tail: str
+    note: str = ""  # what ar did and why, in words
+    peak_processes: int = 0
+    log_dropped_mb: float = 0.0
+    last_progress: Progress | None = None
+
+
+def job_env(extra: dict[str, str]) -> dict[str, str]:
+    """An environment for a job: a few harmless variables of ar's own, then `extra`."""
+    env = {name: os.environ[name] for name in ENV_ALLOW if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({name: str(value) for name, value in extra.items()})
+    return env
+
+
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    limits: Limits,
+    log_path: Path,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+) -> RunResult:
+    """Run `cmd` to its end or to a limit; setting `stop` ends it with reason `interrupted`.
+
+    An exception inside (KeyboardInterrupt, or one raised by on_progress) kills the whole
+    tree before it propagates.
+    """
+    if not cmd:
+        raise ArError("the sandbox needs a command to run")
+    if not _active.acquire(blocking=False):
+        raise ArError("another sandbox job is already running in this process")
+    try:
+        return _run(cmd, Path(cwd), env, limits, Path(log_path), on_progress, stop)
+    finally:
+        _active.release()
+
+
+def _run(cmd, cwd, env, limits, log_path, on_progress, stop) -> RunResult:
+    isolation = netns.plan(limits.network, limits.user_namespace)
+    namespaces = isolation.namespaces
+    launcher = netns.launcher_cmd(
+        "--fsize", str(int(limits.max_file_mb * MB)), "--nofile", str(limits.max_open_files),
+        "--parent", str(os.getpid()), *(("--namespaces", namespaces) if namespaces else ()),
+        "--", *cmd,
+    )  # fmt: skip
+    log_fd = create_log(log_path)
+    tree = ProcTree()
+    reaper = set_subreaper(True)
+    dumpable = set_dumpable(False)
+    watch = None
+    try:
+        started = time.monotonic()
+        try:
+            popen = subprocess.Popen(
+                launcher, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                stderr=log_fd, start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise ArError(f"cannot start the job in {cwd}: {exc}") from exc
+        tree.attach(popen.pid)
+        try:
+            watch = _Watch(
+                popen, tree, limits, cwd, log_fd, log_path, env, started, on_progress, stop
+            )
+            watch.until_exit()
+        except BaseException:
+            _kill_tree(tree, popen, grace=0)
+            raise
+        return watch.result(isolation, reaper)
+    finally:
+        if watch:
+            watch.close()
+        os.close(log_fd)
+        set_subreaper(False)
+        set_dumpable(dumpable)
+
+
+def _kill_tree(tree: ProcTree, popen: subprocess.Popen, grace: float) -> bool:
+    """Kill the whole tree and reap the root. A second Ctrl-C meanwhile does not cut it short.
+
+    Returns False when the root outlived every SIGKILL.
+    """
+    for _attempt in range(3):
+        try:
+            tree.kill(grace)
+            popen.wait(KILL_ROUNDS_SECONDS)
+            return True
+        except KeyboardInterrupt:
+            grace = 0
+        except subprocess.TimeoutExpired:
+            return False
+    return popen.poll() is not None
+
+
+def _pidfd_poller(pid: int) -> tuple[int, select.poll] | None:
+    """A poll object that wakes when the process exits (Linux 5.3+), else None."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return pidfd, poller
+
+
+def _filesystems(paths: list[Path]) -> list[Path]:
+    seen, unique = set(), []
+    for path in paths:
+        try:
+            device = os.stat(path).st_dev
+        except OSError:
+            continue
+        if device not in seen:
+            seen.add(device)
+            unique.append(path)
+    return unique
+
+
+class _Watch:
+    """The monitoring of one running job, and what it saw."""
+
+    def __init__(self, popen, tree, limits, cwd, log_fd, log_path, env, started, on_progress, stop):
+        self.popen, self.tree, self.limits = popen, tree, limits
+        self.log_fd, self.log_path = log_fd, log_path
+        self.started, self.on_progress, self.stop = started, on_progress, stop
+        tmp = env.get("TMPDIR") or tempfile.gettempdir()
+        self.disks = _filesystems([cwd, log_path.parent, Path(tmp), Path("/dev/shm")])
+        self.members = frozenset({popen.pid})
+        self.gpu = GpuWatch(env.get("CUDA_VISIBLE_DEVICES"))
+        self.gpu.start(lambda: self.members)
+        self.follower = LogFollower(log_fd)
+        self.exit_poller = _pidfd_poller(popen.pid)
+        self.kill_reason: str | None = None
+        self.notes: list[str] = []
+        self.peak_rss = 0
+        self.peak_processes = 1
+        self.dropped = 0
+        self.last_progress: Progress | None = None
+        self.ended = started
+
+    def until_exit(self) -> None:
+        deadline = self.started + self.limits.wall_seconds
+        while self.popen.poll() is None:
+            now = time.monotonic()
+            verdict = self._check(now)
+            if verdict:
+                self.kill(*verdict)
+                return
+            self._wait(max(0.0, min(POLL_SECONDS, deadline - now)))
+        self.ended = time.monotonic()
+
+    def _wait(self, seconds: float) -> None:
+        if self.exit_poller:
+            self.exit_poller[1].poll(seconds * 1000)
+        else:
+            try:
+                self.popen.wait(seconds)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _check(self, now: float) -> tuple[str, str, float] | None:
+        """(reason, note, grace) when the job must die now, else None."""
+        limits = self.limits
+        if now - self.started >= limits.wall_seconds:
+            return (
+                "timeout",
+                f"killed at the wall-clock limit of {limits.wall_seconds:g} s",
+                TERM_GRACE_SECONDS,
+            )
+        if self.stop is not None and self.stop.is_set():
+            return "interrupted", "stopped by ar", TERM_GRACE_SECONDS
+        self.members = self.tree.refresh()
+        self.tree.reap()
+        processes = len(self.tree.alive())
+        self.peak_processes = max(self.peak_processes, processes)
+        if processes > limits.max_processes:
+            return (
+                "procs",
+                f"killed: {processes} processes, above the cap of {limits.max_processes}",
+                0,
+            )
+        memory = self.tree.rss_bytes()
+        if limits.max_rss_mb and memory > limits.max_rss_mb * MB:
+            memory = self.tree.pss_bytes()  # RSS counts shared pages twice; PSS decides
+        self.peak_rss = max(self.peak_rss, memory)
+        if limits.max_rss_mb and memory > limits.max_rss_mb * MB:
+            return (
+                "rss",
+                f"killed: {memory / MB:.0f} MB of memory, above the cap of {limits.max_rss_mb:g} MB",
+                0,
+            )
+        vram = self.gpu.current_vram_mb
+        if limits.max_vram_mb and vram > limits.max_vram_mb:
+            return (
+                "vram",
+                f"killed: {vram:.0f} MB of GPU memory, above the cap of {limits.max_vram_mb:g} MB",
+                TERM_GRACE_SECONDS,
+            )
+        for path in self.disks:
+            free_mb = _free_mb(path)
+            if free_mb is not None and free_mb < limits.min_free_disk_mb:
+                return "disk", f"killed: {free_mb:.0f} MB left on the disk holding {path}", 0
+        if os.fstat(self.log_fd).st_size > limits.max_log_mb * MB + SLACK:
+            self.dropped = drop_middle(self.log_fd, int(limits.max_log_mb * MB), self.dropped)
+        self._progress()
+        return None
+
+    def _progress(self) -> None:
+        progress = self.follower.poll()
+        if progress and progress != self.last_progress:
+            self.last_progress = progress
+            if self.on_progress:
+                self.on_progress(progress)
+
+    def kill(self, reason: str, note: str, grace: float) -> None:
+        self.kill_reason = reason
+        self.notes.append(note)
+        if not _kill_tree(self.tree, self.popen, grace):
+            self.notes.append("the job's first process would not die (stuck in the kernel?)")
+        self.ended = time.monotonic()
+
+    def result(self, isolation: netns.Plan, reaper: bool) -> RunResult:
+        leftovers = self.tree.kill(grace=0)
+        if leftovers:
+            self.notes.append(f"killed {leftovers} process(es) the job left behind")
+        if not reaper:
+            self.notes.append(
+                "ar could not become the reaper of orphans: a daemonised grandchild may survive"
+            )
+        self._progress()
+        exit_code = self.popen.returncode
+        reason = self.kill_reason or _exit_reason(exit_code)
+        if reason == "signal":
+            self.notes.append(_signal_note(-exit_code))
+        if os.fstat(self.log_fd).st_size >= int(self.limits.max_file_mb * MB):
+            cap = self.limits.max_file_mb
+            self.notes.append(
+                f"the log reached the file-size cap of {cap:g} MB: later output was lost"
+            )
+        cap = int(self.limits.max_log_mb * MB)
+        self.dropped = keep_head_and_tail(self.log_fd, cap, self.dropped)
+        restored = restore_name(self.log_fd, self.log_path)
+        if restored:
+            self.notes.append(restored)
+        append_lines(self.log_fd, [f"[sandbox] {note}" for note in self.notes])
+        gpu = self.gpu.stop()
+        return RunResult(
+            exit_code=exit_code, reason=reason, wall_seconds=round(self.ended - self.started, 3),
+            peak_rss_mb=round(self.peak_rss / MB, 1), peak_vram_mb=gpu.peak_vram_mb,
+            gpu_util_percent=gpu.util_percent, gpu_max_temp_c=gpu.max_temp_c, gpu_note=gpu.note,
+            network_isolated=isolation.network_isolated, network_note=isolation.note,
+            log_tail=read_tail(self.log_fd), note="; ".join(self.notes),
+            peak_processes=self.peak_processes, log_dropped_mb=round(self.dropped / MB, 1),
+            last_progress=self.last_progress,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.gpu.stop()
+        if self.exit_poller:
+            os.close(self.exit_poller[0])
+
+
+def _signal_note(signum: int) -> str:
+    name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
+    hint = " (the kernel's OOM killer sends SIGKILL)" if signum == signal.SIGKILL else ""
+    return f"the job died from {name}{hint}"
+
+
+def _exit_reason(exit_code: int | None) -> str:
+    if exit_code == 0:
+        return "ok"
+    if exit_code is None or exit_code > 0:
+        return "crash"
+    return "signal"
+
+
+def _free_mb(path: Path) -> float | None:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize / MB

@@ -1,0 +1,80 @@
+"""Shared fixtures: isolate git from the user's config and give tests a clean workspace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_git(tmp_path_factory, monkeypatch):
+    """A hostile global git config: ar must not depend on (or be broken by) it."""
+    home = tmp_path_factory.mktemp("home")
+    gitconfig = home / ".gitconfig"
+    gitconfig.write_text(
+        "[user]\n\tname = Someone Else\n\temail = someone@example.com\n"
+        "[commit]\n\tgpgsign = true\n[init]\n\tdefaultBranch = trunk\n"
+    )
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+    monkeypatch.setenv("HOME", str(home))
+    yield
+
+
+@pytest.fixture
+def cli():
+    """Invoke the `ar` Typer app in-process and return the result."""
+    from typer.testing import CliRunner
+
+    from autoresearch_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, cwd: Path | None = None):
+        old = Path.cwd()
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            return runner.invoke(app, [str(a) for a in args])
+        finally:
+            os.chdir(old)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> Path:
+    """A prepared data directory for the micro profile, built once per test session from
+    a few hundred KB of the standard library."""
+    import shutil
+    import sysconfig
+
+    from autoresearch_cli.config import PROFILES
+    from autoresearch_cli.data import prepare_data
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email", "http", "logging", "urllib", "xml/dom", "concurrent/futures"):
+        for source in sorted((stdlib / package).glob("*.py")):
+            target = corpus / package.replace("/", "_") / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    data_dir = tmp_path_factory.mktemp("micro") / "data"
+    prepare_data(data_dir, source=f"files:{corpus}/**/*.py", vocab_size=PROFILES["micro"]["vocab_size"])
+    return data_dir
+
+
+@pytest.fixture
+def micro_ws(tmp_path, micro_data, monkeypatch):
+    """A fresh micro-profile workspace with its data prepared; the cwd is the workspace."""
+    import shutil
+
+    from autoresearch_cli import workspace
+
+    ws = workspace.init(tmp_path / "ws", profile="micro", tag="test")
+    shutil.copytree(micro_data, ws.data_dir)
+    monkeypatch.chdir(ws.root)
+    return ws

@@ -1,0 +1,104 @@
+import json
+import sys
+
+import pytest
+from rich.console import Console
+
+from autoresearch_cli import report
+from autoresearch_cli.errors import ArError
+from autoresearch_cli.ledger import Ledger
+
+SHA = {name: name * 40 for name in "abcdefg"}
+
+
+def add(ledger, parent, sha, val_bpb, decision="discard", kind="experiment", status="ok",
+        description="change"):
+    experiment_id = ledger.start_experiment(kind, SHA.get(parent), description, "random")
+    ledger.update(experiment_id, sha=SHA[sha])
+    ledger.finish(experiment_id, status, decision,
+                  {"status": status, "val_bpb": val_bpb, "peak_vram_mb": 1024})
+    return experiment_id
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger.open(tmp_path / "ledger.db") as opened:
+        add(opened, None, "a", 1.00, decision=None, kind="baseline", description="baseline")
+        add(opened, "a", "b", 0.98, decision="keep", description="raise LR")
+        add(opened, "b", "c", 0.99, description="GeLU")
+        add(opened, "b", "d", None, status="crash", decision=None, description="typo")
+        add(opened, "b", "e", 0.95, decision="keep", description="deeper")
+        opened.record_llm_call(5, {"model": "m", "cost_usd": 0.125})
+        yield opened
+
+
+def test_delta_is_against_the_parent_commit(ledger):
+    rows = report.table_rows(ledger.experiments())
+    by_id = {row["id"]: row for row in rows}
+    assert [row["id"] for row in rows] == [1, 2, 3, 4, 5]
+    assert by_id[1]["delta_bpb"] is None and by_id[1]["outcome"] == "baseline"
+    assert by_id[2]["delta_bpb"] == pytest.approx(-0.02) and by_id[2]["parent_id"] == 1
+    assert by_id[3]["delta_bpb"] == pytest.approx(0.01) and by_id[3]["outcome"] == "discard"
+    assert by_id[4]["delta_bpb"] is None and by_id[4]["outcome"] == "crash"
+    assert by_id[5]["delta_bpb"] == pytest.approx(-0.03) and by_id[5]["cost_usd"] == 0.125
+    assert by_id[5]["commit"] == "eeeeeee" and by_id[5]["memory_gb"] == 1.0
+    limited = report.table_rows(ledger.experiments(), limit=1)
+    assert [row["id"] for row in limited] == [5]
+    assert limited[0]["delta_bpb"] == pytest.approx(-0.03)
+    assert report.table_rows(ledger.experiments(), limit=0) == []
+
+
+def test_best_chain_has_step_and_cumulative_improvement(ledger):
+    chain = report.best_chain(ledger.experiments(), ledger.best())
+    assert [step["id"] for step in chain] == [1, 2, 5]
+    assert chain[0]["improvement"] is None
+    assert [step["improvement"] for step in chain[1:]] == pytest.approx([0.02, 0.03])
+    assert [step["cumulative_improvement"] for step in chain] == pytest.approx([0, 0.02, 0.05])
+    assert chain[-1]["cumulative_percent"] == pytest.approx(5.0)
+    assert report.best_chain([], None) == []
+
+
+def test_best_chain_honours_a_revert(ledger):
+    ledger.add_event("revert", SHA["b"], "ar revert")
+    add(ledger, "b", "f", 0.97, decision="keep", description="after revert")
+    chain = report.best_chain(ledger.experiments(), ledger.best())
+    assert [step["id"] for step in chain] == [1, 2, 6]
+    assert chain[-1]["cumulative_improvement"] == pytest.approx(0.03)
+
+
+def test_json_rows_are_serialisable_and_carry_the_result(ledger):
+    rows = report.json_rows(ledger.experiments(), limit=2)
+    decoded = json.loads(json.dumps(rows))
+    assert [row["id"] for row in decoded] == [4, 5]
+    assert decoded[1]["result"] == {"status": "ok", "val_bpb": 0.95, "peak_vram_mb": 1024}
+    assert decoded[1]["delta_bpb"] == pytest.approx(-0.03) and decoded[1]["outcome"] == "keep"
+    assert "result_json" not in decoded[1]
+
+
+def test_tables_and_summary_render(ledger):
+    console = Console(record=True, width=200)
+    console.print(report.render_table(report.table_rows(ledger.experiments())))
+    console.print(report.render_best_chain(report.best_chain(ledger.experiments(), ledger.best())))
+    text = console.export_text()
+    assert "eeeeeee" in text and "-0.030000" in text and "$0.1250" in text and "5.00%" in text
+    facts = report.summary(ledger.experiments(), ledger.best(), ledger.total_cost())
+    assert (facts["kept"], facts["discarded"], facts["failed"]) == (2, 1, 1)
+    assert facts["improvement"] == pytest.approx(0.05)
+    line = report.summary_text(facts)
+    assert "baseline 1.000000 → best 0.950000 (#5)" in line and "$0.1250" in line
+
+
+def test_plot_writes_a_png(ledger, tmp_path):
+    target = report.plot_progress(ledger.experiments(), tmp_path / "progress.png")
+    data = target.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+def test_plot_errors_are_clear(ledger, tmp_path, monkeypatch):
+    with pytest.raises(ArError, match="nothing to plot"):
+        report.plot_progress([], tmp_path / "empty.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(ArError, match=r"pip install 'ar\[plot\]'"):
+        report.plot_progress(ledger.experiments(), tmp_path / "progress.png")

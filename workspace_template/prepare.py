@@ -1,0 +1,186 @@
+"""
+Fixed runtime for train.py: profile constants, device, tokenizer, training batches and
+saving the weights for the trusted evaluation. Never edited by agents.
+
+The data comes from `ar prepare` (.ar/data); the evaluation code lives outside the
+workspace, so nothing here can be changed to improve a score.
+
+    from prepare import MAX_SEQ_LEN, TIME_BUDGET, DEVICE, Tokenizer, make_dataloader, save_for_eval
+"""
+
+import json
+import os
+import pickle
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------
+# Constants: the [profile] table of ar.toml, then the runner's environment
+# ---------------------------------------------------------------------------
+
+# Used only when there is no ar.toml next to this file (a bare copy of the template).
+_FALLBACK_PROFILE = {"vocab_size": 2048, "max_seq_len": 256, "time_budget": 60, "eval_tokens": 131072, "device": "auto"}
+
+
+def _read_profile():
+    path = HERE / "ar.toml"
+    if not path.exists():
+        return dict(_FALLBACK_PROFILE)
+    with open(path, "rb") as f:
+        profile = tomllib.load(f).get("profile", {})
+    return {**_FALLBACK_PROFILE, **profile}
+
+
+def _resolve_device(requested):
+    if requested not in ("auto", "cpu", "cuda"):
+        raise RuntimeError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    return requested
+
+
+def _find_data_dir():
+    if os.environ.get("AR_DATA_DIR"):
+        return Path(os.environ["AR_DATA_DIR"])
+    for parent in (HERE, *HERE.parents):
+        if (parent / ".ar" / "data").is_dir():
+            return parent / ".ar" / "data"
+    return HERE / ".ar" / "data"
+
+
+_PROFILE = _read_profile()
+VOCAB_SIZE = int(_PROFILE["vocab_size"])  # tokenizer vocabulary, <|bos|> included
+MAX_SEQ_LEN = int(_PROFILE["max_seq_len"])  # context length of training and evaluation
+TIME_BUDGET = float(os.environ.get("AR_TIME_BUDGET") or _PROFILE["time_budget"])  # training seconds
+EVAL_TOKENS = int(_PROFILE["eval_tokens"])  # validation tokens the trusted evaluation scores
+DEVICE = _resolve_device(os.environ.get("AR_DEVICE") or _PROFILE["device"])  # "cpu" or "cuda"
+DATA_DIR = _find_data_dir()
+OUTPUT_DIR = Path(os.environ.get("AR_OUTPUT_DIR") or HERE / ".ar" / "out")
+
+
+def _data_file(name):
+    path = DATA_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `ar prepare` first")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+class Tokenizer:
+    """The workspace's BPE tokenizer (a tiktoken Encoding with one special token, <|bos|>)."""
+
+    BOS = "<|bos|>"
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_id = enc.encode_single_token(self.BOS)
+        self.vocab_size = enc.n_vocab
+
+    @classmethod
+    def from_directory(cls, data_dir=None):
+        with open(Path(data_dir) / "tokenizer.pkl" if data_dir else _data_file("tokenizer.pkl"), "rb") as f:
+            return cls(pickle.load(f))
+
+    def encode(self, text, prepend_bos=False):
+        ids = self.enc.encode_ordinary(text)
+        return [self.bos_id, *ids] if prepend_bos else ids
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+
+# ---------------------------------------------------------------------------
+# Training batches
+# ---------------------------------------------------------------------------
+
+def _document_starts(tokens, bos_id, chunk=1 << 24):
+    """Offsets of every <|bos|> in the token file, read in chunks to bound memory."""
+    starts = [np.flatnonzero(tokens[i:i + chunk] == bos_id) + i for i in range(0, len(tokens), chunk)]
+    return np.concatenate(starts).astype(np.int64)
+
+
+def make_dataloader(tokenizer, batch_size, seq_len, device=DEVICE, seed=0):
+    """
+    Endless (inputs, targets, epoch) batches from train.bin; inputs and targets are int64
+    [batch_size, seq_len] on `device`, targets the inputs shifted by one token.
+
+    Every epoch shuffles the documents and packs them into one stream, each document
+    followed by <|bos|>; the stream is cut into rows of seq_len tokens that are visited in
+    random order, and every row begins with <|bos|>. So no token is cropped or padded
+    away, and a row that starts inside a document has the same marker an evaluation row
+    would see at its start. Only train.bin is ever read.
+    """
+    tokens = np.memmap(_data_file("train.bin"), dtype=np.uint16, mode="r")
+    bos_id = tokenizer.bos_id
+    if len(tokens) == 0 or tokens[0] != bos_id:
+        raise ValueError(f"{DATA_DIR / 'train.bin'} does not start with <|bos|>: run `ar prepare` again")
+    doc_starts = _document_starts(tokens, bos_id)
+    # A document's unit in the stream is its tokens after <|bos|> plus one trailing <|bos|>,
+    # so it has the same length as the document in the file.
+    doc_lengths = np.diff(np.append(doc_starts, len(tokens)))
+    rows_per_epoch = len(tokens) // seq_len
+    if rows_per_epoch < batch_size:
+        raise ValueError(f"train.bin has {len(tokens)} tokens, fewer than one batch of {batch_size}x{seq_len + 1}")
+    rng = np.random.default_rng(seed)
+    offsets = np.arange(seq_len, dtype=np.int64)
+    pin = device == "cuda"
+    epoch = 0
+    while True:
+        epoch += 1
+        order = rng.permutation(len(doc_starts))
+        starts, lengths = doc_starts[order], doc_lengths[order]
+        unit_ends = np.cumsum(lengths)
+        row_order = rng.permutation(rows_per_epoch)
+        for first in range(0, rows_per_epoch - batch_size + 1, batch_size):
+            rows = row_order[first:first + batch_size]
+            position = rows[:, None] * seq_len + offsets  # positions in the shuffled stream
+            unit = np.searchsorted(unit_ends, position, side="right")
+            within = position - (unit_ends[unit] - lengths[unit])
+            source = np.minimum(starts[unit] + 1 + within, len(tokens) - 1)
+            body = np.where(within == lengths[unit] - 1, bos_id, tokens[source]).astype(np.int64)
+            batch = np.empty((2, batch_size, seq_len), dtype=np.int64)  # inputs, targets
+            batch[0, :, 0] = bos_id
+            batch[0, :, 1:] = body[:, :-1]
+            batch[1] = body
+            batch = torch.from_numpy(batch)
+            if pin:
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=pin)
+            yield batch[0], batch[1], epoch
+
+
+# ---------------------------------------------------------------------------
+# Handing the model to the trusted evaluation
+# ---------------------------------------------------------------------------
+
+def _write_atomic(path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_for_eval(model, config):
+    """Write OUTPUT_DIR/model.pt (state_dict, CPU float32) and OUTPUT_DIR/config.json."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    state = {
+        name: (tensor.detach().to("cpu", torch.float32) if tensor.is_floating_point() else tensor.detach().cpu())
+        for name, tensor in model.state_dict().items()
+    }
+    text = json.dumps(config, indent=2, sort_keys=True).encode()
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    _write_atomic(OUTPUT_DIR / "model.pt", lambda f: torch.save(state, f))
+    _write_atomic(OUTPUT_DIR / "config.json", lambda f: f.write(text))
+    return OUTPUT_DIR
