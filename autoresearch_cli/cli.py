@@ -254,5 +254,14 @@ def revert(sha: Annotated[str, typer.Argument(help="A kept commit to move the br
     typer.echo(f"{branch}: {old[:7]} -> {new[:7]}; later experiments compare against {new[:7]}")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    # a terminal closing or a `kill` cleans up like Ctrl-C: the job is killed, its row marked
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     app()

@@ -135,7 +135,7 @@ def _one_experiment(current, agent, agent_name, stats, n, repair_of, failure, on
     if repair_of is not None:  # a repair starts from the train.py that failed
         failed_sha = ledger.get(repair_of)["sha"]
         shown_train_py = (gitops.show_file(ws.root, failed_sha, "train.py") or b"").decode() or parent_train_py
-    program_md = (gitops.show_file(ws.root, tip, "program.md") or b"").decode()
+    program_md = _program_md(current, tip)
     kind = "repair" if repair_of else "experiment"
     exp_id = ledger.start_experiment(kind, tip, None, agent_name, repair_of=repair_of, branch=ws.branch)
     current.current_experiment = exp_id
@@ -146,6 +146,10 @@ def _one_experiment(current, agent, agent_name, stats, n, repair_of, failure, on
             proposal = agent.propose(shown_train_py, program_md, history(current), failure)
         except ProposalError as exc:
             return _reject(current, stats, exp_id, exc.reason, on_event)
+        except AgentError as exc:  # the agent cannot go on (auth, model, budget): stop the loop
+            ledger.finish(exp_id, "invalid", None, None, reason=f"no proposal: {exc}")
+            stats.invalid += 1
+            raise
         ledger.update(exp_id, description=proposal.description)
         on_event("proposed", exp_id=exp_id, description=proposal.description)
         reason = validate(proposal.train_py, parent_train_py)
@@ -164,6 +168,15 @@ def _one_experiment(current, agent, agent_name, stats, n, repair_of, failure, on
         mark_interrupted(current, exp_id)
         raise
     return _decide(current, stats, exp_id, tip, sha, best_bpb, result, on_event)
+
+
+def _program_md(current: Session, tip: str) -> str:
+    """The human's instructions: the workspace's program.md as it is on disk now, so an
+    edit steers the next proposal; the committed one if the file is gone."""
+    path = current.ws.root / "program.md"
+    if path.is_file():
+        return path.read_text()
+    return (gitops.show_file(current.ws.root, tip, "program.md") or b"").decode()
 
 
 def _reject(current, stats, exp_id, reason, on_event):

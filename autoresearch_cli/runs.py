@@ -4,9 +4,7 @@ kill, one evaluated run of a commit in its own worktree, and `ar baseline`.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -68,20 +66,11 @@ def recover(current: Session) -> list[dict[str, Any]]:
     return rows
 
 
-def kill_stray_job(run_dir: Path) -> None:
-    """Kill the process group of a job whose ar died (its pid is in run_dir/job.pid)."""
-    pid_file = run_dir / "job.pid"
-    try:
-        pid = int(pid_file.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)  # the job leads its own session and process group
-    except (ProcessLookupError, PermissionError):
-        pass
-    from sandbox.proctree import kill_session
+def kill_stray_job(run_dir: Path) -> int:
+    """Kill the job of an ar that died (listed in run_dir/job.pid; reused pids are spared)."""
+    from sandbox.proctree import kill_recorded
 
-    kill_session(pid)
+    return kill_recorded(run_dir / "job.pid")
 
 
 def require_data(ws: Workspace) -> None:

@@ -11,7 +11,6 @@ and data path as the cpu profile's train.py, so the trusted evaluation scores bo
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -113,8 +112,8 @@ def main():
     t_start = time.time()
     torch.manual_seed(42)
     cuda = prepare.DEVICE == "cuda"
-    # The same precision as the template's train.py on each device, so only the recipe differs
-    autocast_ctx = torch.amp.autocast(device_type=prepare.DEVICE, dtype=torch.bfloat16) if cuda else nullcontext()
+    # The same precision as the template's train.py, so only the recipe differs
+    autocast_ctx = torch.amp.autocast(device_type=prepare.DEVICE, dtype=torch.bfloat16)
     tokenizer = prepare.Tokenizer.from_directory()
     config = asdict(PlainConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=tokenizer.vocab_size,
                                 n_layer=DEPTH, n_head=N_HEAD, n_embd=MODEL_DIM))

@@ -7,6 +7,7 @@ the trusted evaluator. What train.py prints is only used for figures it alone ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -76,9 +77,31 @@ def _failure_reason(train: RunResult, budget_kill: float) -> tuple[str, str]:
     if train.reason in ("rss", "vram"):
         which = "memory (RSS)" if train.reason == "rss" else "GPU memory"
         return "oom", f"killed for exceeding the {which} cap"
+    if train.reason == "disk":
+        return "crash", "killed: the job was filling the disk"
+    if train.reason == "procs":
+        return "crash", "killed: the job started too many processes"
     if train.reason == "signal":
         return "crash", f"train.py died from a signal ({train.exit_code}): {last[:200]}"
     return "crash", f"train.py exited with code {train.exit_code}: {last[:200]}"
+
+
+EVAL_DATA_FILES = ("val.bin", "holdout.bin", "token_bytes.npy", "manifest.json")
+
+
+def eval_data_digest(data_dir: Path) -> dict[str, str]:
+    """Hashes of the files the trusted evaluation reads; a job that rewrites any of them is
+    caught before its evaluation (the files are also made read-only for non-root users)."""
+    digests = {}
+    for name in EVAL_DATA_FILES:
+        path = data_dir / name
+        if not path.exists():
+            continue
+        with path.open("rb") as handle:
+            digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+        if path.stat().st_mode & 0o222:
+            path.chmod(0o444)
+    return digests
 
 
 def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -117,6 +140,7 @@ def run_experiment(
         "reason", "log_tail", "eval_tokens", "eval_note", "gpu_util_percent",
         "network_isolated",
     )}  # fmt: skip
+    data_digest = eval_data_digest(data_dir)
     started = time.monotonic()
     train = run(
         [python, "train.py"], cwd=worktree, env=env, limits=_limits(config, hard_kill),
@@ -136,6 +160,10 @@ def run_experiment(
     status, reason = "ok", None
     if train.reason != "ok":
         status, reason = _failure_reason(train, hard_kill)
+    elif eval_data_digest(data_dir) != data_digest:
+        status, reason = "invalid", (
+            "the job modified the evaluation data in .ar/data; rebuild it with `ar prepare --force`"
+        )
     elif not (out_dir / "model.pt").is_file() or not (out_dir / "config.json").is_file():
         status, reason = "invalid", "train.py saved no weights: it must end with prepare.save_for_eval(model, config)"
     else:
@@ -169,8 +197,10 @@ def _evaluate(worktree, run_dir, out_dir, data_dir, config, device, env, python,
     if evaluation.reason in ("rss", "vram"):
         return "oom", "the evaluation exceeded the memory cap"
     try:
+        if eval_json.is_symlink() or not eval_json.is_file():
+            raise FileNotFoundError(eval_json)
         scored = json.loads(eval_json.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         tail = evaluation.log_tail.strip().splitlines()
         return "invalid", f"the evaluation wrote no result: {tail[-1][:200] if tail else 'no output'}"
     if scored.get("status") != "ok":

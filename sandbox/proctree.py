@@ -8,6 +8,9 @@ its parent is then reparented to ar instead of init, and cannot slip out of the 
 Membership is sticky and cached: each poll lists /proc and reads the stat line only of
 processes it has not seen before, so polling costs the same on a busy host as on an idle
 one. Linux only (/proc); elsewhere psutil answers the same questions, more slowly.
+
+While a job runs, the runner keeps a record of its processes (job.pid, see write_record);
+if ar itself is killed, the next ar calls kill_recorded() on it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -25,6 +31,14 @@ PR_SET_DUMPABLE = 4
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 HAVE_PROC = os.path.isdir("/proc/self")
 KILL_ROUNDS_SECONDS = 5.0  # SIGKILL rounds stop after this long (a process stuck in the kernel)
+
+
+class Stat(NamedTuple):
+    ppid: int
+    pgid: int
+    sid: int
+    state: str  # R, S, D, Z, ...
+    started: int  # clock ticks after boot; with the pid, names one process for good
 
 
 def set_subreaper(enabled: bool) -> bool:
@@ -51,12 +65,15 @@ def set_dumpable(enabled: bool) -> bool:
         return True
 
 
-def _stat(pid: int) -> tuple[int, int, int, str] | None:
-    """(ppid, pgid, sid, state) of a process, or None when it is gone."""
+def read_stat(pid: int) -> Stat | None:
+    """The kernel's view of one process, or None when it is gone."""
     if not HAVE_PROC:
         try:
             proc = psutil.Process(pid)
-            return proc.ppid(), os.getpgid(pid), os.getsid(pid), proc.status()[:1].upper()
+            started = int(proc.create_time() * 100)
+            return Stat(
+                proc.ppid(), os.getpgid(pid), os.getsid(pid), proc.status()[:1].upper(), started
+            )
         except (psutil.Error, OSError):
             return None
     try:
@@ -68,8 +85,8 @@ def _stat(pid: int) -> tuple[int, int, int, str] | None:
     except OSError:
         return None
     # The command name may hold spaces and parentheses: the fields start after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split(b" ", 5)
-    return int(fields[1]), int(fields[2]), int(fields[3]), fields[0].decode()
+    fields = data[data.rfind(b")") + 2 :].split(b" ", 20)
+    return Stat(int(fields[1]), int(fields[2]), int(fields[3]), fields[0].decode(), int(fields[19]))
 
 
 def _pids() -> set[int]:
@@ -104,27 +121,31 @@ def _pss_bytes(pid: int) -> int:
 
 
 class ProcTree:
-    """The processes of one job. Create it before starting the job, then attach() the root."""
+    """The processes of one job. Create it before starting the job, then attach() the root.
 
-    def __init__(self) -> None:
+    adopt_orphans: count ar's own new children in other sessions as members (they are the
+    job's orphans while ar is the subreaper). Off when killing a dead ar's job.
+    """
+
+    def __init__(self, adopt_orphans: bool = True) -> None:
         self.me = os.getpid()
         self.my_sid = os.getsid(0)
+        self.adopt_orphans = adopt_orphans
         self.root: int | None = None
         self.members: set[int] = set()
+        self.stats: dict[int, Stat] = {}
         self._before = _pids()  # never members, whatever they do later
         self._foreign: set[int] = set()
-        self._states: dict[int, str] = {}
 
     def attach(self, root: int) -> None:
         self.root = root
         self.members = {root}
         self._before.discard(root)
 
-    def _belongs(self, stat: tuple[int, int, int, str], sids: set[int]) -> bool:
-        ppid, pgid, sid, _ = stat
-        if ppid in self.members or sid in sids or pgid in sids:
+    def _belongs(self, stat: Stat, sids: set[int]) -> bool:
+        if stat.ppid in self.members or stat.sid in sids or stat.pgid in sids:
             return True
-        return ppid == self.me and sid != self.my_sid  # an orphan handed to ar
+        return self.adopt_orphans and stat.ppid == self.me and stat.sid != self.my_sid
 
     def refresh(self, full: bool = False) -> frozenset[int]:
         """Bring the member set up to date; `full` also re-examines every known outsider."""
@@ -132,31 +153,35 @@ class ProcTree:
         self._before &= pids
         self.members &= pids
         self._foreign = set() if full else self._foreign & pids
-        unknown = sorted(pids - self.members - self._foreign - self._before)
         sids = {self.root} if self.root else set()
         for pid in list(self.members):
-            stat = _stat(pid)
+            stat = read_stat(pid)
             if stat:
-                sids.add(stat[2])
-                self._states[pid] = stat[3]
-        stats = {pid: _stat(pid) for pid in unknown}
+                self.stats[pid] = stat
+                sids.add(stat.sid)
+        unknown = {
+            pid: read_stat(pid)
+            for pid in sorted(pids - self.members - self._foreign - self._before)
+        }
         changed = True
         while changed:  # a child may be listed before its parent is known to belong
             changed = False
-            for pid, stat in list(stats.items()):
+            for pid, stat in list(unknown.items()):
                 if stat and self._belongs(stat, sids):
                     self.members.add(pid)
-                    self._states[pid] = stat[3]
-                    sids.add(stat[2])
-                    del stats[pid]
+                    self.stats[pid] = stat
+                    sids.add(stat.sid)
+                    del unknown[pid]
                     changed = True
-        self._foreign |= {pid for pid, stat in stats.items() if stat}
-        self._states = {pid: state for pid, state in self._states.items() if pid in self.members}
+        self._foreign |= {pid for pid, stat in unknown.items() if stat}
+        self.stats = {pid: stat for pid, stat in self.stats.items() if pid in self.members}
         return frozenset(self.members)
 
     def alive(self) -> list[int]:
         """Members that are not zombies."""
-        return [pid for pid in self.members if self._states.get(pid, "R") not in "ZX"]
+        return [
+            pid for pid in self.members if pid in self.stats and self.stats[pid].state not in "ZX"
+        ]
 
     def rss_bytes(self) -> int:
         return sum(_rss_bytes(pid) for pid in self.alive())
@@ -212,3 +237,57 @@ class ProcTree:
             except ProcessLookupError:
                 pass
         return sent
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def write_record(path: Path, root: int, stats: dict[int, Stat]) -> None:
+    """job.pid: the root pid first (`<root> <started> <boot id>`), then `<pid> <started>` lines."""
+    root_started = stats[root].started if root in stats else 0
+    lines = [f"{root} {root_started} {_boot_id()}"]
+    lines += [f"{pid} {stat.started}" for pid, stat in sorted(stats.items()) if pid != root]
+    fd, spare = tempfile.mkstemp(dir=path.parent, prefix=".job-pid-")
+    with open(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(spare, path)
+
+
+def kill_recorded(path: Path) -> int:
+    """Kill what a dead ar's job.pid lists, with the job's session and descendants.
+
+    A pid counts only while it still names the same process (same boot, same start
+    time), so a reused pid is never killed. Returns how many processes were signalled.
+    """
+    try:
+        first, *rest = path.read_text().splitlines()
+        root, root_started, boot = first.split()
+        recorded = {int(pid): int(started) for pid, started in (line.split() for line in rest)}
+    except (OSError, ValueError):
+        return 0
+    if boot != _boot_id():
+        return 0
+    recorded[int(root)] = int(root_started)
+    now = {pid: read_stat(pid) for pid in recorded}
+    victims = {pid for pid, stat in now.items() if stat and stat.started == recorded[pid]}
+    # While any process of the session lives, its id cannot be handed out again.
+    root_now = now[int(root)]
+    session = int(root) if root_now is None or root_now.started == int(root_started) else None
+    return _kill_from_outside(session, victims)
+
+
+def kill_session(sid: int) -> int:
+    """Kill session `sid` (a job's root pid) and every descendant, from another process."""
+    return _kill_from_outside(sid, set())
+
+
+def _kill_from_outside(session: int | None, victims: set[int]) -> int:
+    tree = ProcTree(adopt_orphans=False)
+    tree._before = set()
+    tree.root = session
+    tree.members = set(victims)
+    return tree.kill(grace=0)

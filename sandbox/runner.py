@@ -11,7 +11,9 @@ processes, size of the log. Crossing a limit kills the whole tree, grandchildren
 called setsid() included, and the result says why. Nothing the job prints can change
 the outcome: the reason comes from ar's own clock, counters and the exit status.
 
-One job at a time per ar process: while a job runs, ar is the reaper of its orphans.
+One job at a time per ar process: while a job runs, ar is the reaper of its orphans,
+and job.pid beside the log lists the job's processes, so that the next ar can kill them
+(proctree.kill_recorded) if this one is killed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from pathlib import Path
 from autoresearch_cli.errors import ArError, ConfigError
 from sandbox import netns
 from sandbox.gpu import GpuWatch
-from sandbox.proctree import KILL_ROUNDS_SECONDS, ProcTree, set_dumpable, set_subreaper
+from sandbox.proctree import (
+    KILL_ROUNDS_SECONDS,
+    ProcTree,
+    set_dumpable,
+    set_subreaper,
+    write_record,
+)
 from sandbox.progress import (
     SLACK,
     LogFollower,
@@ -45,6 +53,7 @@ from sandbox.progress import (
 
 MB = 2**20
 POLL_SECONDS = 0.2
+RECORD_NAME = "job.pid"  # beside the log while the job runs: what to kill if ar dies
 TERM_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL, when the job is not eating the host
 # The only variables of ar's environment a job inherits. API keys and tokens never pass.
 ENV_ALLOW = (
@@ -220,7 +229,8 @@ class _Watch:
         self.started, self.on_progress, self.stop = started, on_progress, stop
         tmp = env.get("TMPDIR") or tempfile.gettempdir()
         self.disks = _filesystems([cwd, log_path.parent, Path(tmp), Path("/dev/shm")])
-        self.members = frozenset({popen.pid})
+        self.members: frozenset[int] = frozenset()
+        self.record_path = log_path.with_name(RECORD_NAME)
         self.gpu = GpuWatch(env.get("CUDA_VISIBLE_DEVICES"))
         self.gpu.start(lambda: self.members)
         self.follower = LogFollower(log_fd)
@@ -264,8 +274,11 @@ class _Watch:
             )
         if self.stop is not None and self.stop.is_set():
             return "interrupted", "stopped by ar", TERM_GRACE_SECONDS
-        self.members = self.tree.refresh()
+        members = self.tree.refresh()
         self.tree.reap()
+        if members != self.members:
+            self.members = members
+            self._record()
         processes = len(self.tree.alive())
         self.peak_processes = max(self.peak_processes, processes)
         if processes > limits.max_processes:
@@ -299,6 +312,12 @@ class _Watch:
             self.dropped = drop_middle(self.log_fd, int(limits.max_log_mb * MB), self.dropped)
         self._progress()
         return None
+
+    def _record(self) -> None:
+        try:
+            write_record(self.record_path, self.popen.pid, self.tree.stats)
+        except OSError:
+            pass  # the job may have removed the directory; recovery then has less to go on
 
     def _progress(self) -> None:
         progress = self.follower.poll()
@@ -351,6 +370,7 @@ class _Watch:
 
     def close(self) -> None:
         self.gpu.stop()
+        self.record_path.unlink(missing_ok=True)
         if self.exit_poller:
             os.close(self.exit_poller[0])
 

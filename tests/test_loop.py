@@ -52,28 +52,6 @@ def test_random_agent_iterates_and_the_branch_moves_only_on_keeps(micro_ws):
     assert best.returncode == 0 and "baseline" in best.stdout
 
 
-def test_revert_accepts_a_kept_commit_and_refuses_others(micro_ws):
-    root = micro_ws.root
-    assert ar("iterate", "--n", "2", "--agent", "random", "--seed", "3", cwd=root).returncode == 0
-    table = rows(root)
-    baseline_sha = table[0]["sha"]
-    not_kept = [r for r in table if r["decision"] != "keep" and r["kind"] != "baseline" and r["sha"]]
-    tip_before = git(root, "rev-parse", "autoresearch/test")
-    if not_kept:
-        refused = ar("revert", not_kept[0]["sha"][:7], cwd=root)
-        assert refused.returncode == 1 and "never kept" in refused.stderr
-    unknown = ar("revert", "deadbeefdeadbeef", cwd=root)
-    assert unknown.returncode == 1 and "not an experiment" in unknown.stderr
-    assert git(root, "rev-parse", "autoresearch/test") == tip_before
-    if tip_before == baseline_sha:  # nothing was kept: revert to the tip is refused
-        assert "already the tip" in ar("revert", baseline_sha, cwd=root).stderr
-        return
-    moved = ar("revert", baseline_sha[:10], cwd=root)
-    assert moved.returncode == 0, moved.stderr
-    assert git(root, "rev-parse", "autoresearch/test") == baseline_sha
-    assert git(root, "status", "--porcelain") == ""
-
-
 def test_sigkill_mid_training_then_resume_is_consistent(micro_ws):
     root = micro_ws.root
     assert ar("baseline", cwd=root).returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from sandbox import gpu, netns
+from sandbox.proctree import kill_recorded
 from sandbox.progress import Progress, parse_step
 from sandbox.runner import Limits, job_env, run
 
@@ -32,11 +34,18 @@ def run_job(tmp_path: Path, code: str, **limits) -> tuple:
     return result, time.monotonic() - started
 
 
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def assert_gone(pids: list[int]) -> None:
     deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in pids):
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.05)
-    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    assert not [pid for pid in pids if alive(pid)]
 
 
 def read_pids(path: Path) -> list[int]:
@@ -113,6 +122,57 @@ def test_daemon_left_behind_by_a_finished_job_is_killed(tmp_path):
     assert (result.reason, result.exit_code) == ("ok", 0)
     assert "left behind" in result.note
     assert_gone(read_pids(tmp_path / "pids"))
+
+
+def test_the_next_ar_kills_the_job_of_an_ar_that_was_killed(tmp_path):
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()  # out of the job's session, and soon an orphan
+            if os.fork() == 0:
+                open("grandchild", "w").write(str(os.getpid()))
+                time.sleep(600)
+            os._exit(0)
+        time.sleep(600)
+    """))  # fmt: skip
+    (tmp_path / "ar.py").write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from sandbox.runner import Limits, job_env, run
+        work = Path({str(tmp_path)!r})
+        run([sys.executable, str(work / "job.py")], work, job_env({{}}), Limits(wall_seconds=60),
+            work / "job.log")
+    """))  # fmt: skip
+    first_ar = subprocess.Popen([sys.executable, str(tmp_path / "ar.py")])
+    record, grandchild = tmp_path / "job.pid", tmp_path / "grandchild"
+
+    def recorded() -> list[int]:
+        text = record.read_text() if record.exists() else ""
+        return [int(line.split()[0]) for line in text.splitlines()]
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (
+        grandchild.exists() and grandchild.read_text() and int(grandchild.read_text()) in recorded()
+    ):
+        time.sleep(0.05)
+    pids = recorded()
+    assert int(grandchild.read_text()) in pids
+    first_ar.kill()
+    first_ar.wait()
+    assert kill_recorded(record) >= 1
+    assert_gone(pids)
+
+
+def test_a_reused_pid_in_a_stale_record_is_spared(tmp_path):
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        (tmp_path / "job.pid").write_text(f"{bystander.pid} 12345 {boot}\n")  # another start time
+        assert kill_recorded(tmp_path / "job.pid") == 0
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_memory_hog_in_a_child_process_is_killed_for_rss(tmp_path):

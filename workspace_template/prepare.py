@@ -88,8 +88,13 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, data_dir=None):
-        with open(Path(data_dir) / "tokenizer.pkl" if data_dir else _data_file("tokenizer.pkl"), "rb") as f:
-            return cls(pickle.load(f))
+        path = Path(data_dir) / "tokenizer.pkl" if data_dir else _data_file("tokenizer.pkl")
+        with open(path, "rb") as f:
+            tokenizer = cls(pickle.load(f))
+        if tokenizer.vocab_size != VOCAB_SIZE:
+            raise ValueError(f"{path} has {tokenizer.vocab_size} tokens but the profile's vocab_size is "
+                             f"{VOCAB_SIZE}: run `ar prepare` again")
+        return tokenizer
 
     def encode(self, text, prepend_bos=False):
         ids = self.enc.encode_ordinary(text)

@@ -1,0 +1,88 @@
+"""Orchestration overhead of `ar iterate`, and what 100 iterations leave behind.
+
+The job is an instant train.py (it exits at once, saving nothing), the agent is the
+random agent (no model latency), so what is timed is ar's own work per experiment:
+proposal, validation, worktree, commit, process start, ledger, decision, export.
+Target: <= 1.0 s per experiment; ledger, git and disk stay bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autoresearch_cli import gitops, loop, runs, workspace  # noqa: E402
+from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
+
+INSTANT_TRAIN_PY = '''"""An instant train.py: it exits at once (benchmarks of ar's own overhead)."""
+# ---
+MATRIX_LR = 0.04  # learning rate
+DEPTH = 4  # layers
+TOTAL_BATCH_SIZE = 2**14  # tokens per step
+DEVICE_BATCH_SIZE = 16  # rows per micro-step
+WEIGHT_DECAY = 0.1  # decoupled decay
+
+
+def build_model(config):
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    pass  # no prepare.save_for_eval: the run ends invalid without an evaluation
+'''
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def main(iterations: int = 100) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("GIT_CONFIG_GLOBAL", os.devnull)
+        ws = workspace.init(Path(tmp) / "ws", profile="micro", tag="bench")
+        (ws.root / "train.py").write_text(INSTANT_TRAIN_PY)
+        gitops.commit_all(ws.root, "instant train.py")
+        ws.data_dir.mkdir(parents=True)
+        (ws.data_dir / "manifest.json").write_text("{}")
+        agent = RandomAgent(seed=0)
+        seconds: list[float] = []
+        job_seconds: list[float] = []
+        with runs.session(ws, "bench") as current:
+            tip = ws.tip()
+            # a baseline row so the loop does not run one first
+            exp_id = current.ledger.start_experiment("baseline", tip, "baseline", None, status="running")
+            current.ledger.update(exp_id, sha=tip)
+            current.ledger.finish(exp_id, "ok", "keep", {"val_bpb": 5.0, "status": "ok"}, sha=tip)
+            for _ in range(iterations):
+                start = time.perf_counter()
+                loop.iterate(current, agent, "random", 1)
+                seconds.append(time.perf_counter() - start)
+                last = current.ledger.experiments()[-1]
+                job_seconds.append(last["total_seconds"] or 0.0)
+        overhead = [total - job for total, job in zip(seconds, job_seconds, strict=True)]
+        median = statistics.median(overhead)
+        verdict = "ok" if median <= 1.0 else "OVER TARGET"
+        print(f"per experiment: median {statistics.median(seconds):.3f} s in all, "
+              f"{statistics.median(job_seconds):.3f} s in the job (python start + exit)")
+        print(f"orchestration overhead: median {median:.3f} s, p90 "
+              f"{sorted(overhead)[int(0.9 * len(overhead))]:.3f} s (target <= 1.0 s) {verdict}")
+        worktrees = list((ws.root / ".ar" / "worktrees").iterdir())
+        runs_mb = _dir_mb(ws.root / ".ar" / "runs")
+        weights = list((ws.root / ".ar" / "runs").rglob("model.pt"))
+        objects = subprocess.run(["git", "count-objects", "-v"], cwd=ws.root, capture_output=True,
+                                 text=True).stdout.replace("\n", ", ")
+        print(f"after {iterations} iterations: {len(worktrees)} worktrees left, "
+              f".ar/runs {runs_mb:.2f} MB ({len(weights)} weight files), "
+              f"ledger {(ws.root / '.ar' / 'ledger.db').stat().st_size / 1e6:.2f} MB")
+        print(f"git: {objects}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
