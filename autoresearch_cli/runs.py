@@ -14,7 +14,8 @@ from typing import Any
 
 from autoresearch_cli import gitops
 from autoresearch_cli.errors import DataError
-from autoresearch_cli.ledger import ExperimentLock, Ledger, lock_path
+from autoresearch_cli.ledger import Ledger
+from autoresearch_cli.lock import ExperimentLock, lock_path
 from autoresearch_cli.workspace import PROTECTED_FILES, Workspace
 
 Events = Callable[..., None]  # on_event(kind: str, **details): the CLI renders them

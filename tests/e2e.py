@@ -34,8 +34,10 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def start_and_kill_mid_training(args: list[str], ws_root: Path, timeout: float = 120) -> int:
-    """Start `ar ARGS`, wait until a training job is running, SIGKILL ar; return the job's pid."""
+def start_and_kill_mid_training(args: list[str], ws_root: Path, timeout: float = 120,
+                                sig: int = signal.SIGKILL) -> tuple[int, int]:
+    """Start `ar ARGS`, wait until a training job is running, send ar `sig`; return the job's
+    pid and ar's exit code."""
     proc = subprocess.Popen([AR, *args], cwd=ws_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     job_pid = None
@@ -47,9 +49,8 @@ def start_and_kill_mid_training(args: list[str], ws_root: Path, timeout: float =
                     job_pid = int(pid_file.read_text().split()[0])
         time.sleep(0.1)
     assert job_pid is not None, "the training job never started"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return job_pid
+    os.kill(proc.pid, sig)
+    return job_pid, proc.wait(timeout=60)
 
 
 def wait_gone(pid: int, timeout: float = 15) -> bool:

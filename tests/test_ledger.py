@@ -13,12 +13,12 @@ from autoresearch_cli.errors import ArError, BusyError, WorkspaceError
 from autoresearch_cli.ledger import (
     MIGRATIONS,
     TSV_HEADER,
-    ExperimentLock,
     Ledger,
     ledger_path,
     now,
     process_alive,
 )
+from autoresearch_cli.lock import ExperimentLock
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -239,7 +239,7 @@ def test_export_tsv_has_the_original_five_columns(ledger, tmp_path):
 
 LOCK_HOLDER = """
     import sys, time
-    from autoresearch_cli.ledger import ExperimentLock
+    from autoresearch_cli.lock import ExperimentLock
     lock = ExperimentLock(sys.argv[1], command="ar iterate")
     lock.acquire()
     print("held", flush=True)
@@ -249,7 +249,7 @@ LOCK_HOLDER = """
 LOCK_CONTENDER = """
     import sys
     from autoresearch_cli.errors import BusyError
-    from autoresearch_cli.ledger import ExperimentLock
+    from autoresearch_cli.lock import ExperimentLock
     try:
         with ExperimentLock(sys.argv[1], command="ar run"):
             print("acquired")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import psutil
 from e2e import ar, git, rows, start_and_kill_mid_training, wait_gone
@@ -50,12 +51,15 @@ def test_random_agent_iterates_and_the_branch_moves_only_on_keeps(micro_ws):
     assert len(json.loads(logged.stdout)) == 4
     best = ar("log", "--best", cwd=root)
     assert best.returncode == 0 and "baseline" in best.stdout
+    plotted = ar("log", "--plot", root / "progress.png", cwd=root)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (root / "progress.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sigkill_mid_training_then_resume_is_consistent(micro_ws):
     root = micro_ws.root
     assert ar("baseline", cwd=root).returncode == 0
-    job_pid = start_and_kill_mid_training(["iterate", "--n", "5", "--agent", "random", "--seed", "2"], root)
+    job_pid, _ = start_and_kill_mid_training(["iterate", "--n", "5", "--agent", "random", "--seed", "2"], root)
     resumed = ar("iterate", "--n", "1", "--agent", "random", "--seed", "4", cwd=root)
     assert resumed.returncode == 0, resumed.stderr
     assert "was interrupted" in resumed.stderr
@@ -68,3 +72,18 @@ def test_sigkill_mid_training_then_resume_is_consistent(micro_ws):
     strays = [p for p in psutil.process_iter(["cmdline"]) if "train.py" in " ".join(p.info["cmdline"] or [])
               and str(root) in " ".join(p.info["cmdline"] or [])]
     assert strays == []
+
+
+def test_ctrl_c_finishes_cleanly(micro_ws):
+    root = micro_ws.root
+    assert ar("baseline", cwd=root).returncode == 0
+    job_pid, code = start_and_kill_mid_training(
+        ["iterate", "--agent", "random", "--seed", "5"], root, sig=signal.SIGINT)
+    assert code == 130
+    assert wait_gone(job_pid, timeout=5), "the job outlived Ctrl-C"
+    last = rows(root)[-1]
+    assert last["status"] == "interrupted" and last["reason"] == "interrupted by the user"
+    assert not any((root / ".ar" / "worktrees").iterdir())
+    assert git(root, "status", "--porcelain") == ""
+    # the interrupted commit stays reachable
+    assert git(root, "rev-parse", f"refs/ar/discarded/{last['id']}") == last["sha"]
