@@ -22,10 +22,10 @@ CONFIG_NAME = "ar.toml"
 # evaluation scores. `micro` exists for tests and smoke runs (seconds, not minutes).
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
-        "vocab_size": 2048,  # small vocab: the embedding and head dominate tiny models
+        "vocab_size": 1024,  # small vocab: the embedding and head dominate tiny models
         "max_seq_len": 256,  # context length in tokens
         "time_budget": 60,  # training seconds, wall clock, excluding startup
-        "eval_tokens": 131072,  # validation tokens the trusted evaluation scores
+        "eval_tokens": 32768,  # validation tokens the trusted evaluation scores
         "startup_allowance": 25,  # seconds on top of the budget before the hard kill
         "eval_timeout": 120,  # seconds the trusted evaluation may take
         "device": "auto",  # auto | cpu | cuda

@@ -13,21 +13,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import prepare
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import prepare
 
 # ---------------------------------------------------------------------------
 # Hyperparameters
 # ---------------------------------------------------------------------------
 
-DEPTH = 4  # transformer layers
+DEPTH = 2  # transformer layers
 MODEL_DIM = 128  # residual width
 N_HEAD = 2  # attention heads
-DEVICE_BATCH_SIZE = 16  # rows per step
-LEARNING_RATE = 3e-3  # AdamW peak LR
+DEVICE_BATCH_SIZE = 4  # rows per step
+LEARNING_RATE = 1e-3  # AdamW peak LR
 WEIGHT_DECAY = 0.1  # AdamW decoupled weight decay on matrices
 ADAM_BETAS = (0.9, 0.95)  # AdamW beta1, beta2
 WARMUP_RATIO = 0.05  # share of the time budget spent warming the LR up

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------
 
 # Used only when there is no ar.toml next to this file (a bare copy of the template).
-_FALLBACK_PROFILE = {"vocab_size": 2048, "max_seq_len": 256, "time_budget": 60, "eval_tokens": 131072, "device": "auto"}
+_FALLBACK_PROFILE = {"vocab_size": 1024, "max_seq_len": 256, "time_budget": 60, "eval_tokens": 32768, "device": "auto"}
 
 
 def _read_profile():
@@ -120,10 +120,10 @@ def make_dataloader(tokenizer, batch_size, seq_len, device=DEVICE, seed=0):
     [batch_size, seq_len] on `device`, targets the inputs shifted by one token.
 
     Every epoch shuffles the documents and packs them into one stream, each document
-    followed by <|bos|>; the stream is cut into rows of seq_len tokens that are visited in
-    random order, and every row begins with <|bos|>. So no token is cropped or padded
-    away, and a row that starts inside a document has the same marker an evaluation row
-    would see at its start. Only train.bin is ever read.
+    followed by <|bos|>; the stream is cut into rows of seq_len tokens, visited in random
+    order, and each row gets a leading <|bos|>. No token is cropped or padded away, every
+    token is a target once per epoch, and long documents are seen whole, not only their
+    first seq_len tokens. Only train.bin is ever read.
     """
     tokens = np.memmap(_data_file("train.bin"), dtype=np.uint16, mode="r")
     bos_id = tokenizer.bos_id
@@ -135,7 +135,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, device=DEVICE, seed=0):
     doc_lengths = np.diff(np.append(doc_starts, len(tokens)))
     rows_per_epoch = len(tokens) // seq_len
     if rows_per_epoch < batch_size:
-        raise ValueError(f"train.bin has {len(tokens)} tokens, fewer than one batch of {batch_size}x{seq_len + 1}")
+        raise ValueError(f"train.bin has {len(tokens)} tokens, fewer than one batch of {batch_size} rows of {seq_len}")
     rng = np.random.default_rng(seed)
     offsets = np.arange(seq_len, dtype=np.int64)
     pin = device == "cuda"
