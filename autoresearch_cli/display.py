@@ -90,10 +90,11 @@ class Display:
             loss = f"{progress.loss:.4f}" if progress.loss is not None else "-"
             self._progress.update(self._task, completed=min(progress.percent, 100.0), loss=loss)
 
-    def on_done(self, exp_id: int, result: dict[str, Any], decision: str | None, best_bpb: float | None = None) -> None:
+    def on_done(self, exp_id: int, result: dict[str, Any], decision: str | None,
+                best_bpb: float | None = None, baseline: bool = False) -> None:
         status = decision or result["status"]
         bucket = status if status in self.counts else ("crash" if status in ("timeout", "oom") else None)
-        if bucket:
+        if bucket and not (baseline and decision == "keep"):  # the baseline is not a keep
             self.counts[bucket] += 1
         if decision == "keep" and result.get("val_bpb") is not None:
             self.best = result["val_bpb"] if self.best is None else min(self.best, result["val_bpb"])

@@ -171,5 +171,5 @@ def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> Ba
         current.ledger.finish(exp_id, result["status"], decision, result, sha=tip)
         current.export()
         summary.results.append(result)
-        on_event("done", exp_id=exp_id, result=result, decision=decision)
+        on_event("done", exp_id=exp_id, result=result, decision=decision, baseline=True)
     return summary

@@ -439,7 +439,7 @@ def main():
     config = model_config(tokenizer.vocab_size, prepare.MAX_SEQ_LEN)
     print(f"Model config: {config}")
     model = build_model(config).to(device)
-    if cuda:  # embeddings are only gathered, so bf16 storage halves their memory for free
+    if cuda:  # embeddings are only gathered: bf16 storage halves their memory and bandwidth
         model.transformer.wte.to(dtype=torch.bfloat16)
         for ve in model.value_embeds.values():
             ve.to(dtype=torch.bfloat16)

@@ -1,0 +1,25 @@
+"""What `ar iterate` prints when its output is not a terminal: one plain line per experiment."""
+
+from __future__ import annotations
+
+from autoresearch_cli.display import Display
+
+
+def test_plain_lines_and_counts(capsys):
+    with Display(live=False, baseline=lambda: 2.0, cost=lambda: 0.25) as display:
+        display("start", exp_id=1, index=0, total=1, description="baseline", sha="a" * 40)
+        display("done", exp_id=1, result={"status": "ok", "val_bpb": 2.0}, decision="keep", baseline=True)
+        display("start", exp_id=2, index=0, total=3, description="(proposing)", sha="a" * 40)
+        display("proposed", exp_id=2, description="MATRIX_LR 0.04 -> 0.05")
+        display("done", exp_id=2, result={"status": "ok", "val_bpb": 1.9}, decision="keep")
+        display("done", exp_id=3, result={"status": "timeout", "val_bpb": None, "reason": "killed at 85 s"},
+                decision=None)
+        display("done", exp_id=4, result={"status": "ok", "val_bpb": 1.95}, decision="discard")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("#1") and "keep" in lines[0] and "2.000000" in lines[0]
+    assert "MATRIX_LR 0.04 -> 0.05" in lines[1] and "1.900000" in lines[1]
+    assert "timeout" in lines[2] and "killed at 85 s" in lines[2]
+    assert "discard" in lines[3]
+    status = display.status_line()
+    assert "best val_bpb 1.900000 (-0.100000 vs baseline 2.000000)" in status
+    assert "keep 1  discard 1  crash 1  invalid 0" in status and "cost $0.2500" in status
