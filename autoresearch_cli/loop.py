@@ -49,23 +49,30 @@ def min_delta(current: Session) -> float:
     return 2 * std if std is not None and n >= 2 else 0.0
 
 
+def mean_bpb_by_sha(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each commit's val_bpb: the mean over its ok evaluations (baseline repeats)."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["sha"] and row["status"] == "ok" and row["val_bpb"] is not None:
+            values.setdefault(row["sha"], []).append(row["val_bpb"])
+    return {sha: statistics.fmean(bpbs) for sha, bpbs in values.items()}
+
+
 def reference_bpb(current: Session, sha: str) -> float | None:
-    """val_bpb of the branch tip: the mean over its ok evaluations (baseline repeats)."""
-    values = [
-        row["val_bpb"] for row in current.ledger.experiments()
-        if row["sha"] == sha and row["status"] == "ok" and row["val_bpb"] is not None
-    ]  # fmt: skip
-    return statistics.fmean(values) if values else None
+    """val_bpb of one commit (the branch tip, in practice)."""
+    return mean_bpb_by_sha(current.ledger.experiments()).get(sha)
 
 
 def history(current: Session) -> list[Any]:
     from autoresearch_cli.agents import HistoryItem
 
+    rows = current.ledger.experiments()
+    bpb_of = mean_bpb_by_sha(rows)  # one pass: history is built before every proposal
     items = []
-    for row in current.ledger.experiments():
+    for row in rows:
         if row["status"] in ("proposing", "running", "evaluating"):
             continue
-        parent = reference_bpb(current, row["parent_sha"]) if row["parent_sha"] else None
+        parent = bpb_of.get(row["parent_sha"])
         delta = row["val_bpb"] - parent if row["val_bpb"] is not None and parent is not None else None
         status = row["decision"] or row["status"]
         if row["kind"] == "baseline" and row["status"] == "ok":
