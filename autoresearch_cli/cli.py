@@ -219,8 +219,9 @@ def log(
         ws = _workspace()
         with Ledger.for_workspace(ws.root) as ledger:
             rows = ledger.experiments()
-            chain = report.best_chain(rows, ledger.best()) if best else None
-            facts = report.summary(rows, ledger.best(), ledger.total_cost())
+            best_row = ledger.best()
+            chain = report.best_chain(rows, best_row) if best else None
+            facts = report.summary(rows, best_row, ledger.total_cost())
         if plot is not None:
             written = report.plot_progress(rows, plot)
             typer.echo(f"wrote {written}", err=True)

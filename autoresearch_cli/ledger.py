@@ -468,6 +468,3 @@ def tsv_line(row: dict[str, Any]) -> str | None:
         if row["status"] != "crash":
             description = f"{description} ({row['status']})".strip()
     return f"{row['sha'][:7]}\t{val_bpb:.6f}\t{memory:.1f}\t{status}\t{description}"
-
-
-# --- the workspace lock ------------------------------------------------------------------

@@ -91,17 +91,22 @@ EVAL_DATA_FILES = ("val.bin", "holdout.bin", "token_bytes.npy", "manifest.json")
 
 def eval_data_digest(data_dir: Path) -> dict[str, str]:
     """Hashes of the files the trusted evaluation reads; a job that rewrites any of them is
-    caught before its evaluation (the files are also made read-only for non-root users)."""
+    caught before its evaluation."""
     digests = {}
     for name in EVAL_DATA_FILES:
         path = data_dir / name
-        if not path.exists():
-            continue
-        with path.open("rb") as handle:
-            digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
-        if path.stat().st_mode & 0o222:
-            path.chmod(0o444)
+        if path.exists():
+            with path.open("rb") as handle:
+                digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
     return digests
+
+
+def make_eval_data_read_only(data_dir: Path) -> None:
+    """Stops a job run by a non-root user from rewriting the evaluation data at all."""
+    for name in EVAL_DATA_FILES:
+        path = data_dir / name
+        if path.exists() and path.stat().st_mode & 0o222:
+            path.chmod(0o444)
 
 
 def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -140,6 +145,7 @@ def run_experiment(
         "reason", "log_tail", "eval_tokens", "eval_note", "gpu_util_percent",
         "network_isolated",
     )}  # fmt: skip
+    make_eval_data_read_only(data_dir)
     data_digest = eval_data_digest(data_dir)
     started = time.monotonic()
     train = run(

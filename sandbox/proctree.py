@@ -280,11 +280,6 @@ def kill_recorded(path: Path) -> int:
     return _kill_from_outside(session, victims)
 
 
-def kill_session(sid: int) -> int:
-    """Kill session `sid` (a job's root pid) and every descendant, from another process."""
-    return _kill_from_outside(sid, set())
-
-
 def _kill_from_outside(session: int | None, victims: set[int]) -> int:
     tree = ProcTree(adopt_orphans=False)
     tree._before = set()

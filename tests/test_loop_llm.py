@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 
@@ -43,7 +44,7 @@ def test_llm_agent_through_the_loop(micro_ws, stub, monkeypatch):
     stub.reply("Description: longer context\n\nprepare.py\n<<<<<<< SEARCH\nimport os\n=======\n"
                "import os, sys\n>>>>>>> REPLACE\n")
     stub.queue(401, error_body("Incorrect API key provided", "invalid_request_error"))
-    env = {**__import__("os").environ, "AR_TEST_KEY": "sk-test"}
+    env = {**os.environ, "AR_TEST_KEY": "sk-test"}
 
     done = ar("iterate", "--n", "3", cwd=root, env=env)
 
