@@ -19,9 +19,7 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -33,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sandbox.files import write_json_atomic
 
 # ---------------------------------------------------------------------------
 SPLITS = ("val", "holdout")
@@ -443,22 +443,6 @@ def _clip(text: str) -> str:
 
 # ---------------------------------------------------------------------------
 # Command line
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def summary(result: dict[str, Any]) -> str:

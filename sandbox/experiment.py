@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sandbox.files import write_json_atomic
 from sandbox.runner import Limits, RunResult, job_env, run
 
 RESULT_STATUSES = ("ok", "crash", "timeout", "oom", "invalid")
@@ -109,12 +109,6 @@ def make_eval_data_read_only(data_dir: Path) -> None:
             path.chmod(0o444)
 
 
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def run_experiment(
     worktree: Path,
     run_dir: Path,
@@ -177,7 +171,7 @@ def run_experiment(
     result.update(status=status, reason=reason, total_seconds=round(time.monotonic() - started, 2))
     if status != "ok":
         result["val_bpb"] = result["holdout_bpb"] = None
-    _atomic_write_json(run_dir / "result.json", result)
+    write_json_atomic(run_dir / "result.json", result, sort_keys=True)
     return result
 
 
