@@ -1,20 +1,28 @@
-# ar: install, test, lint, demo, bench. Everything runs inside .venv.
+# ar: install, test, lint, demo, bench, lock. Everything runs inside .venv.
+SHELL := bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is installed first and explicitly: a plain `torch` dependency would pull the
-# newest CUDA build. On a CUDA machine, set TORCH_SPEC to the build you want.
+LOCK := requirements.lock
+# pip itself is pinned too: the resolver's behaviour is part of a reproducible install.
+PIP_VERSION ?= $(shell sed -n "s/^pip==//p" $(LOCK))
+# torch is installed first and explicitly, and is not in the lock: a plain `torch`
+# dependency would pull the newest CUDA build. On a CUDA machine, set TORCH_SPEC to the
+# build you want, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_workspace
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-gpu lock check-lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Everything but torch comes from the lock, with --no-deps: nothing unpinned can slip in.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet "pip==$(PIP_VERSION)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 test: install
@@ -29,5 +37,20 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# Regenerate the lock from pyproject.toml, keeping current pins where they still fit.
+# LOCK_FLAGS=--upgrade moves every package to its newest allowed version.
+lock: install
+	$(VENV)/bin/pip-compile --quiet --strip-extras --extra dev --unsafe-package torch \
+		--no-emit-index-url --no-emit-find-links -c lock-constraints.txt $(LOCK_FLAGS) \
+		--output-file $(LOCK) pyproject.toml
+
+# Two venvs built from the lock must hold exactly the same packages.
+check-lock: install
+	rm -rf .venv-lockcheck
+	$(MAKE) --no-print-directory install VENV=.venv-lockcheck
+	diff <($(VENV)/bin/pip freeze --exclude-editable) <(.venv-lockcheck/bin/pip freeze --exclude-editable)
+	rm -rf .venv-lockcheck
+	@echo "check-lock: two venvs built from $(LOCK) are identical"
+
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .ruff_cache $(DEMO_DIR)
+	rm -rf $(VENV) .venv-lockcheck dist build .pytest_cache .ruff_cache $(DEMO_DIR)

@@ -1,4 +1,5 @@
-"""`ar init` works from a non-editable install: the template and program.md ship in the wheel."""
+"""A fresh venv built from the lock plus the wheel: the template and program.md ship in the
+wheel, `ar init` works, and the venv holds exactly what the lock pins (as this one does)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 from conftest import REPO_ROOT
+from lockfile import LOCK, frozen, lock_pins
 
 
 def test_wheel_install_can_init_a_workspace(tmp_path):
@@ -27,17 +29,22 @@ def test_wheel_install_can_init_a_workspace(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     fresh_python = venv / "bin" / "python"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(fresh_python), "install", "--quiet",
-         "--no-deps", "--no-index", str(wheel)],
-        check=True, capture_output=True,
-    )
-    # dependencies come from this environment's site-packages, but not the source tree
+    # as `make install` does: everything from the lock, with no resolution of its own
+    for what in (["-r", str(LOCK)], [str(wheel)]):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "--python", str(fresh_python), "install", "--quiet",
+             "--no-deps", *what],
+            check=True, capture_output=True,
+        )
+    fresh = frozen(fresh_python)
+    fresh.pop("ar", None)
+    assert fresh == lock_pins(), "a venv built from requirements.lock differs from the lock"
+    # torch alone is installed outside the lock (TORCH_SPEC): take this environment's
     fresh_site = subprocess.run(
         [str(fresh_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    Path(fresh_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    Path(fresh_site, "torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run(
