@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoresearch_cli import gitops
-from autoresearch_cli.errors import DataError
+from autoresearch_cli.errors import ArError, DataError
 from autoresearch_cli.ledger import Ledger
 from autoresearch_cli.lock import ExperimentLock, lock_path
 from autoresearch_cli.workspace import PROTECTED_FILES, Workspace
@@ -90,24 +90,67 @@ def protected_changes(ws: Workspace, worktree: Path, sha: str) -> list[str]:
     return changed
 
 
+def experiment_spec(current: Session, run_dir: Path, worktree: Path):
+    """What the sandbox runs for one commit, from ar.toml's profile and sandbox tables."""
+    from sandbox.spec import ExperimentSpec, JobLimits
+
+    profile, box = current.config["profile"], current.config["sandbox"]
+    return ExperimentSpec(
+        code_dir=str(worktree.resolve()), run_dir=str(run_dir.resolve()),
+        data_dir=str(current.ws.data_dir.resolve()), time_budget=float(profile["time_budget"]),
+        startup_allowance=float(profile["startup_allowance"]),
+        eval_tokens=int(profile["eval_tokens"]), seq_len=int(profile["max_seq_len"]),
+        eval_timeout=float(profile["eval_timeout"]), device=profile.get("device", "auto"),
+        limits=JobLimits(max_rss_mb=box["max_rss_mb"], max_vram_mb=box["max_vram_mb"],
+                         max_file_mb=box["max_file_mb"], max_open_files=box["max_open_files"],
+                         network=bool(box["network"])),
+    )  # fmt: skip
+
+
 def evaluate_commit(
     current: Session, exp_id: int, sha: str, worktree: Path, on_event: Events = _quiet
 ) -> dict[str, Any]:
-    """Train and evaluate the commit checked out in `worktree`; return result.json's dict."""
+    """Train and evaluate the commit checked out in `worktree`; return result.json's dict.
+
+    Whatever the job did, ar checks afterwards that the protected files, every git ref
+    and the ledger are as ar left them; a run that changed one is invalid (and a moved ref
+    is put back).
+    """
+    from sandbox.errors import SandboxError
     from sandbox.experiment import run_experiment
 
     run_dir = current.ws.runs_dir / str(exp_id)
     current.ledger.update(exp_id, status="running")
     on_event("training", exp_id=exp_id, budget=current.config["profile"]["time_budget"])
-    result = run_experiment(
-        worktree, run_dir, current.config, current.ws.data_dir,
-        on_progress=lambda progress: on_event("progress", exp_id=exp_id, progress=progress),
-    )
+    refs_before = gitops.refs(current.ws.root, "refs/")
+    ledger_before = current.ledger.data_version()
+    try:
+        result = run_experiment(
+            experiment_spec(current, run_dir, worktree),
+            on_progress=lambda progress: on_event("progress", exp_id=exp_id, progress=progress),
+        ).as_dict()
+    except SandboxError as exc:
+        raise ArError(f"the sandbox failed: {exc}") from None
     tampered = protected_changes(current.ws, worktree, sha)
+    tampered += restore_refs(current.ws.root, refs_before)
+    if current.ledger.data_version() != ledger_before:
+        tampered.append("the ledger (.ar/ledger.db)")
     if tampered:
         result.update(status="invalid", val_bpb=None, holdout_bpb=None,
-                      reason=f"the job rewrote {', '.join(tampered)} on disk")
+                      reason=f"the job changed {', '.join(tampered)}")
     return result
+
+
+def restore_refs(repo: Path, before: dict[str, str]) -> list[str]:
+    """Put back every ref that moved, appeared or vanished since `before`; what moved."""
+    after = gitops.refs(repo, "refs/")
+    moved = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+    for name in moved:
+        if name in before:
+            gitops.update_ref(repo, name, before[name], None)
+        else:
+            gitops.delete_ref(repo, name)
+    return [f"git ref {name}" for name in moved]
 
 
 def discard_weights(run_dir: Path) -> None:

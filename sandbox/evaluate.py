@@ -1,30 +1,41 @@
-"""The trusted evaluation: bits per byte of saved weights, computed by code train.py does not own.
+"""The trusted scorer: bits per byte of saved weights, computed by code train.py cannot reach.
 
 Run as its own process from the installed package, never from the worktree:
 
     python -I -m sandbox.evaluate --code-dir WORKTREE --weights-dir OUT --data-dir DATA \\
         --eval-tokens N --seq-len T [--device cpu|cuda] [--batch-size B] --out eval.json
 
-train.py is imported only for build_model(config); model.pt is loaded strictly. The model
-gets input tokens and nothing else; the cross-entropy comes from its logits here. Probes
-reject a model whose earlier logits move when later tokens change, whose rows move each
-other, or whose answer to the same batch changes. eval.json is always written; an invalid
-result carries a reason, never a score.
+This process never imports train.py or anything from the run's directory. It reads the
+val and holdout splits, allocates the input and logits buffers, and starts two confined
+model workers (sandbox/worker.py) that import train.py, load the weights and fill the
+logits for the input rows they are given. They never see a target or a split file; the
+cross-entropy is computed here, from the logits in buffers this process owns.
+
+Probes cannot be told apart from scoring. The rows are shuffled with a secret seed and
+split between the two workers, which share no state (separate processes, confined, no
+common writable place). Hidden among the scoring batches are twins of some rows, sent to
+the *other* worker: exact copies (a row must get the same logits among other rows and in
+another process: no row mixing, no state, no nondeterminism) and look-ahead twins whose
+tokens after a random cut come from elsewhere in the split (logits before the cut must
+not move). A twin is a real row of natural text in a full batch like any other; a model
+that cheats on any row it scores risks being compared with its twin. eval.json is
+always written; an invalid result carries a reason, never a score.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import math
+import mmap
+import os
+import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +43,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sandbox import protocol
 from sandbox.files import write_json_atomic
 
 # ---------------------------------------------------------------------------
 SPLITS = ("val", "holdout")
 # How far logits may move where the model must not look, relative to max(1, largest |logit|).
-# fp32 on CPU is exact in practice; bf16 autocast on CUDA gets room for kernels that round
-# differently. Twice the noise measured by running the same batch twice is added on top.
+# Twins run in full batches of the same shape, so an honest model answers them identically
+# up to the rounding of its kernels: fp32 on CPU exactly, bf16 autocast on CUDA nearly.
 TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}
-NOISE_LIMIT = 20  # more run-to-run noise than this many tolerances is not rounding: invalid
 CPU_TOKENS_PER_BATCH = 16384  # throughput on two cores grows up to about here (measured)
-CUDA_LOGITS_PER_BATCH = 1 << 28  # first try on CUDA: 1 GiB of fp32 logits; halved on OOM
-PROBE_ROWS = 4  # val rows the probes perturb; each probe costs one forward of these rows
-REASON_CHARS = 600  # reasons go to an LLM and a terminal: a paragraph at most
+CUDA_LOGITS_PER_BATCH = 1 << 28  # 1 GiB of fp32 logits per batch on CUDA
+AHEAD_SHARE = 0.05  # share of each split's rows that get a look-ahead twin
+COPY_SHARE = 0.03  # share that get an exact-copy twin
+MIN_TWINS = 4  # per kind and split, however small the split
+WORKERS = 2
+READY_TIMEOUT_S = 300.0  # importing torch and train.py, building the model, loading weights
+WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+              "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+              "OPENBLAS_NUM_THREADS", "AR_CPU_PRECISION")  # fmt: skip
+REASON_CHARS = protocol.MAX_TEXT
 
 
 class InvalidModel(Exception):
@@ -52,7 +70,7 @@ class InvalidModel(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Inputs: data, train.py, weights
+# Data
 
 
 @dataclass
@@ -72,7 +90,7 @@ def load_data(data_dir: Path) -> Data:
         vocab_size = int(manifest["vocab_size"])
         token_bytes = np.load(data_dir / "token_bytes.npy", allow_pickle=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise InvalidModel(f"data directory {data_dir} is unreadable: {_describe(exc)}") from None
+        raise InvalidModel(f"data directory {data_dir} is unreadable: {exc}") from None
     if manifest.get("dtype", "uint16") != "uint16" or token_bytes.shape != (vocab_size,):
         raise InvalidModel(
             f"data directory {data_dir} does not match its manifest: dtype "
@@ -85,9 +103,7 @@ def load_data(data_dir: Path) -> Data:
         tokens = np.memmap(path, dtype="<u2", mode="r") if size else np.zeros(0, dtype="<u2")
         expected = manifest.get("splits", {}).get(name, {}).get("tokens")
         if size % 2 or (expected is not None and int(expected) != len(tokens)):
-            raise InvalidModel(
-                f"{path} holds {size} bytes but manifest.json says {expected} tokens"
-            )
+            raise InvalidModel(f"{path} holds {size} bytes but manifest.json says {expected} tokens")
         splits[name] = tokens
     return Data(vocab_size, torch.from_numpy(token_bytes.astype(np.int64)), splits)
 
@@ -107,163 +123,242 @@ def rows(tokens: np.ndarray, eval_tokens: int, seq_len: int, vocab_size: int, na
     return used[:-1].view(n_rows, seq_len), used[1:].view(n_rows, seq_len)
 
 
-@contextlib.contextmanager
-def imported_train(code_dir: Path) -> Iterator[Any]:
-    """train.py under a fresh module name, code_dir first on sys.path so that its
-    `import prepare` finds the prepare.py beside it. Undone on exit."""
-    path = code_dir / "train.py"
-    if not path.is_file():
-        raise InvalidModel(f"{path} does not exist")
-    name = f"_ar_train_{uuid.uuid4().hex}"
-    saved_path, saved_modules = list(sys.path), set(sys.modules)
-    # A same-named module imported earlier (from another code dir) must not answer for this one.
-    shadowed = {
-        stem: sys.modules.pop(stem)
-        for stem in (p.stem for p in code_dir.glob("*.py"))
-        if stem in sys.modules and stem not in sys.stdlib_module_names
-    }
-    sys.path.insert(0, str(code_dir))
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except (Exception, SystemExit) as exc:
-            raise InvalidModel(f"train.py failed to import: {_describe(exc, code_dir)}") from None
-        yield module
-    finally:
-        sys.path[:] = saved_path
-        for added in set(sys.modules) - saved_modules:
-            if added == name or _inside(
-                getattr(sys.modules.get(added), "__file__", None), code_dir
-            ):
-                sys.modules.pop(added, None)
-        sys.modules.update(shadowed)
-
-
-def load_model(train: Any, weights_dir: Path, device: str, code_dir: Path) -> torch.nn.Module:
-    weights_path, config_path = weights_dir / "model.pt", weights_dir / "config.json"
-    missing = [p.name for p in (weights_path, config_path) if not p.is_file()]
-    if missing:
-        raise InvalidModel(
-            f"{weights_dir} lacks {' and '.join(missing)}: train.py must end with "
-            "prepare.save_for_eval(model, config)"
-        )
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, OSError) as exc:
-        raise InvalidModel(f"config.json is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise InvalidModel("config.json must hold a JSON object")
-    if not callable(getattr(train, "build_model", None)):
-        raise InvalidModel("train.py defines no build_model(config) function")
-    try:
-        model = train.build_model(config)
-    except Exception as exc:
-        raise InvalidModel(f"build_model(config) raised {_describe(exc, code_dir)}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise InvalidModel(f"build_model(config) returned {type(model).__name__}, not a Module")
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise InvalidModel("build_model(config) returned a model with tensors on the meta device")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InvalidModel(f"model.pt could not be loaded: {_describe(exc)}") from None
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise InvalidModel("model.pt must hold a state_dict (names to tensors)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:
-        raise InvalidModel(
-            f"model.pt does not match build_model(config): {_describe(exc)}"
-        ) from None
-    return model.to(device).eval().requires_grad_(False)
-
-
 # ---------------------------------------------------------------------------
-# Forward, probes, scoring
-
-
-def make_forward(model: torch.nn.Module, device: str, vocab_size: int, code_dir: Path) -> Callable:
-    """A function inputs [B, T] -> checked float32 logits [B, T, vocab_size]."""
-
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
-        # A copy with storage of its own: a view would let the model read the targets beside it.
-        idx = inputs.to(device, copy=True)
-        autocast = (
-            torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-        )
-        try:
-            with autocast:
-                logits = model(idx)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            raise InvalidModel(f"the model's forward raised {_describe(exc, code_dir)}") from None
-        if not isinstance(logits, torch.Tensor):
-            raise InvalidModel(f"the model returned a {type(logits).__name__}, not a logits tensor")
-        expected = [*inputs.shape, vocab_size]
-        if list(logits.shape) != expected or not logits.is_floating_point():
-            raise InvalidModel(
-                f"the model returned {logits.dtype} logits of shape {list(logits.shape)}; "
-                f"expected float [B, T, vocab_size] = {expected}"
-            )
-        # A finite sum proves every logit finite, at a fraction of the cost of isfinite().
-        total = logits.sum(dtype=torch.float32).item()
-        if not math.isfinite(total) and not bool(torch.isfinite(logits).all()):
-            raise InvalidModel("the model returned NaN or Inf logits")
-        return logits.to(device=device, dtype=torch.float32)
-
-    return forward
+# The plan: which row goes to which worker, in which batch, with which twins
 
 
 @dataclass
-class Probe:
-    base: torch.Tensor  # logits of the unchanged probe batch
-    max_diff: float  # the largest logit move seen where none is allowed
-    tolerance: float
-    reason: str | None  # why the model is invalid, or None
+class Job:
+    """One row of one batch: a scored row, a twin of a scored row, or a filler."""
+
+    kind: str  # "score" | "copy" | "ahead" | "fill"
+    split: str
+    row: int
+    tokens: torch.Tensor  # [T] what the worker is given
+    cut: int = 0  # ahead twins: positions >= cut hold other text; < cut are compared
+    worker: int = 0
 
 
-def probe(forward: Callable, inputs: torch.Tensor, vocab_size: int, device: str) -> Probe:
-    """Change later tokens, then other rows; earlier logits and the other rows must not move."""
-    generator = torch.Generator().manual_seed(0)
-    half = inputs.shape[1] // 2
+@dataclass
+class Plan:
+    batches: list[tuple[int, list[Job]]]  # (worker, jobs) in the order they run
+    twins: list[Job] = field(default_factory=list)
 
-    def changed(row_slice: slice, start: int) -> torch.Tensor:
-        # Every replaced id differs from the original, so every probed position really changes.
-        out = inputs.clone()
-        region = out[row_slice, start:]
-        shift = torch.randint(1, vocab_size, region.shape, generator=generator, device="cpu")
-        out[row_slice, start:] = (region + shift) % vocab_size
-        return out
 
-    base = forward(inputs).clone()  # the model may hand back one buffer it refills every call
-    floor = TOLERANCE[device] * max(1.0, base.abs().max().item())
-    noise = _max_diff(forward(inputs), base)
-    tolerance = floor + 2 * noise
-    if noise > NOISE_LIMIT * floor:
-        return Probe(base, noise, tolerance, f"the model is nondeterministic: the same batch twice "
-                     f"gave logits {noise:.3g} apart")  # fmt: skip
-    ahead = _max_diff(forward(changed(slice(None), half))[:, :half], base[:, :half])
-    if ahead > tolerance:
-        return Probe(base, ahead, tolerance, (
-            f"the model looks ahead: changing the tokens at positions >= {half} moved the logits "
-            f"at earlier positions by {ahead:.3g} (tolerance {tolerance:.3g})"
-        ))  # fmt: skip
-    across = max(
-        _max_diff(forward(changed(slice(0, 1), 0))[1:], base[1:]),
-        _max_diff(forward(changed(slice(1, None), 0))[:1], base[:1]),
+def make_plan(split_rows: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+              rng: np.random.Generator) -> Plan:  # fmt: skip
+    """Every row scored once by a random worker; twins of some rows on the other worker;
+    each worker's rows shuffled and cut into full batches (the last one padded)."""
+    per_worker: list[list[Job]] = [[] for _ in range(WORKERS)]
+    twins: list[Job] = []
+    for split, (inputs, _) in split_rows.items():
+        n, seq_len = inputs.shape
+        owner = rng.integers(0, WORKERS, n)
+        for row in range(n):
+            per_worker[owner[row]].append(Job("score", split, row, inputs[row], worker=owner[row]))
+        for kind, share in (("copy", COPY_SHARE), ("ahead", AHEAD_SHARE)):
+            count = min(n, max(MIN_TWINS, math.ceil(share * n)))
+            for row in rng.choice(n, count, replace=False):
+                twin = _twin(kind, split, int(row), inputs, rng)
+                if twin is None:
+                    continue
+                twin.worker = 1 - owner[row]
+                per_worker[twin.worker].append(twin)
+                twins.append(twin)
+    batches = []
+    all_rows = [job for jobs in per_worker for job in jobs if job.kind == "score"]
+    for worker, jobs in enumerate(per_worker):
+        order = rng.permutation(len(jobs))
+        jobs = [jobs[i] for i in order]
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            while len(batch) < batch_size and len(batch) < len(all_rows):
+                filler = all_rows[int(rng.integers(0, len(all_rows)))]
+                batch.append(Job("fill", filler.split, filler.row, filler.tokens, worker=worker))
+            batches.append((worker, batch))
+    order = rng.permutation(len(batches))
+    return Plan([batches[i] for i in order], twins)
+
+
+def _twin(kind: str, split: str, row: int, inputs: torch.Tensor,
+          rng: np.random.Generator) -> Job | None:  # fmt: skip
+    tokens = inputs[row]
+    if kind == "copy":
+        return Job("copy", split, row, tokens.clone())
+    n, seq_len = inputs.shape
+    if seq_len < 2:
+        return None
+    cut = int(rng.integers(max(1, seq_len // 4), max(2, 3 * seq_len // 4) + 1))
+    cut = min(cut, seq_len - 1)
+    for _ in range(8):  # real text from another place of the split, differing after the cut
+        donor = inputs[int(rng.integers(0, n))]
+        twin = tokens.clone()
+        twin[cut:] = donor[cut:]
+        if not torch.equal(twin, tokens):
+            return Job("ahead", split, row, twin, cut=cut)
+    twin = tokens.clone()
+    twin[cut:] = (twin[cut:] + 1) % int(inputs.max() + 1)
+    return Job("ahead", split, row, twin, cut=cut)
+
+
+# ---------------------------------------------------------------------------
+# A worker, as the scorer sees it
+
+
+def _shared_buffer(size: int, name: str) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(name, 0)  # not inheritable: handed to the worker by pass_fds only
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def cuda_ipc_fields(storage: torch.UntypedStorage) -> tuple[str, str]:
+    """The IPC handle of a CUDA storage as one text argument, and the shared-memory file of
+    its reference count (the worker must be allowed to open it)."""
+    fields = storage._share_cuda_()
+    text = ",".join(f.hex() if isinstance(f, bytes) else str(int(f)) for f in fields)
+    ref_counter = fields[4].decode() if isinstance(fields[4], bytes) else str(fields[4])
+    return text, ref_counter
+
+
+class Worker:
+    """One confined model worker: its buffers, its control pipes, its process."""
+
+    def __init__(self, index: int, code_dir: Path, weights_dir: Path, device: str, rows: int,
+                 seq_len: int, vocab: int, log_dir: Path, confine: bool):  # fmt: skip
+        self.index, self.device, self.rows = index, device, rows
+        self.shape = (rows, seq_len, vocab)
+        self._fds: list[int] = []
+        in_fd, self._inputs_map = _shared_buffer(rows * seq_len * 8, f"ar-inputs-{index}")
+        self.inputs = torch.from_numpy(
+            np.frombuffer(self._inputs_map, dtype=np.int64).reshape(rows, seq_len)
+        )
+        self._fds.append(in_fd)
+        args = ["--inputs-fd", str(in_fd)]
+        extra_write: list[str] = []
+        if device == "cuda":
+            self.logits = torch.empty(self.shape, dtype=torch.float32, device="cuda")
+            handle, ref_counter = cuda_ipc_fields(self.logits.untyped_storage())
+            args += ["--cuda-logits", handle]
+            extra_write.append(str(Path("/dev/shm") / ref_counter.lstrip("/")))
+        else:
+            out_fd, self._logits_map = _shared_buffer(rows * seq_len * vocab * 4, f"ar-logits-{index}")
+            self._fds.append(out_fd)
+            self.logits = torch.from_numpy(
+                np.frombuffer(self._logits_map, dtype=np.float32).reshape(self.shape)
+            )
+            args += ["--logits-fd", str(out_fd)]
+        to_worker_r, self._to_worker = os.pipe()
+        self._from_worker, from_worker_w = os.pipe()
+        self._fds += [to_worker_r, from_worker_w]
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"ar-worker-{index}-"))
+        self.log_path = log_dir / f"worker-{index}.log"
+        # -I ignores PYTHONPATH: the worker finds `sandbox` through a directory it may read
+        # (an editable install's repository root is not readable under confinement)
+        view = _import_view(log_dir)
+        start = f"import sys; sys.path.insert(0, {str(view)!r}); from sandbox.worker import main; sys.exit(main())"
+        cmd = [
+            sys.executable, "-I", "-c", start, "--code-dir", str(code_dir),
+            "--weights-dir", str(weights_dir), "--device", device, "--rows", str(rows),
+            "--seq-len", str(seq_len), "--vocab", str(vocab), "--ctl-in", str(to_worker_r),
+            "--ctl-out", str(from_worker_w), *args,
+        ]  # fmt: skip
+        self.isolation, self.isolation_note = "none", "confinement was not asked for"
+        if confine:
+            cmd, self.isolation, self.isolation_note = _confined(
+                cmd, (code_dir, weights_dir, view), self.tmp, device, extra_write
+            )
+        env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
+        env.update(HOME=str(self.tmp), TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                cwd=self.tmp, pass_fds=self._fds, start_new_session=True,
+            )  # fmt: skip
+        for fd in (to_worker_r, from_worker_w):
+            os.close(fd)
+        self._fds = [fd for fd in self._fds if fd not in (to_worker_r, from_worker_w)]
+
+    def wait_ready(self, deadline: float) -> int:
+        message = self._receive((protocol.READY, protocol.FAIL), deadline)
+        return int(message.value)
+
+    def forward(self, batch: torch.Tensor, deadline: float) -> torch.Tensor:
+        """Logits [B, T, V] for input rows [B, T], copied into memory only the scorer holds."""
+        count = len(batch)
+        self.inputs[:count].copy_(batch)
+        self.logits[:count].fill_(float("nan"))  # rows the worker leaves unwritten show up
+        protocol.send(self._to_worker, protocol.FWD, count)
+        message = self._receive((protocol.DONE, protocol.FAIL), deadline)
+        if message.count != count:
+            raise InvalidModel(f"model worker {self.index} broke the protocol")
+        return self.logits[:count].clone()
+
+    def _receive(self, allowed: tuple[bytes, ...], deadline: float) -> protocol.Message:
+        try:
+            message = protocol.receive(self._from_worker, allowed, deadline)
+        except protocol.ProtocolError as exc:
+            raise InvalidModel(self._died(str(exc))) from None
+        if message.kind == protocol.FAIL:
+            raise InvalidModel(message.text or "the model worker failed")
+        return message
+
+    def _died(self, what: str) -> str:
+        code = self.process.poll()
+        status = f"exited with code {code}" if code is not None else f"did not answer ({what})"
+        tail = _log_tail(self.log_path)
+        return f"the model worker {status}" + (f": {tail}" if tail else "")
+
+    def close(self) -> None:
+        try:
+            protocol.send(self._to_worker, protocol.BYE)
+        except OSError:
+            pass
+        try:
+            self.process.wait(2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for fd in (*self._fds, self._to_worker, self._from_worker):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _import_view(log_dir: Path) -> Path:
+    from sandbox import confine
+
+    return confine.import_dir(log_dir)
+
+
+def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path, device: str,
+              extra_write: list[str]) -> tuple[list[str], str, str]:  # fmt: skip
+    """The worker's command inside the kernel's confinement: it reads its code, weights and
+    the Python environment, writes only its private tmp, reaches no network."""
+    from sandbox import confine
+
+    confinement = confine.Confinement(
+        read=tuple(map(str, readable)), write=(str(tmp), *extra_write), gpu=device == "cuda"
     )
-    if across > tolerance:
-        return Probe(base, across, tolerance, (
-            f"the model mixes batch rows: changing one row moved another row's logits by "
-            f"{across:.3g} (tolerance {tolerance:.3g})"
-        ))  # fmt: skip
-    return Probe(base, max(ahead, across), tolerance, None)
+    applied = confine.plan(confinement, network=False)
+    wrapped = confine.launch_cmd(applied, cmd, fsize_bytes=64 * 2**20, nofile=1024,
+                                 parent_pid=os.getpid())
+    return wrapped, applied.level, applied.note
+
+
+def _log_tail(path: Path, max_bytes: int = 4096) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - max_bytes))
+            lines = handle.read().decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return protocol.clean_text(lines[-1].encode()) if lines else ""
+
+
+# ---------------------------------------------------------------------------
+# Scoring
 
 
 def token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -271,38 +366,67 @@ def token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     targets = targets.to(logits.device)
     nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     if not bool(torch.isfinite(nats).all()):
-        raise InvalidModel("the loss is NaN or Inf")
+        raise InvalidModel("the model returned NaN or Inf logits (the loss is not finite)")
     return nats.view(targets.shape)
 
 
-def score(forward: Callable, inputs, targets, token_bytes, batch_size: int) -> tuple[float, int]:
-    """Bits per byte over all rows, and the batch size that fit.
+@dataclass
+class Tally:
+    nats: dict[str, float]
+    target_bytes: dict[str, int]
+    kept: dict[tuple[str, int], torch.Tensor]  # logits of rows that have twins
+    twin_logits: list[tuple[Job, torch.Tensor]]
 
-    Targets of zero bytes (special tokens) are left out. The batch size halves whenever a
-    batch runs out of GPU memory.
-    """
-    total_nats = torch.zeros((), dtype=torch.float64)
-    total_bytes = 0
-    start = 0
-    while start < len(inputs):
-        try:
-            logits = forward(inputs[start : start + batch_size])
-            batch_targets = targets[start : start + batch_size].to(logits.device)
-            target_bytes = token_bytes.to(logits.device)[batch_targets]
-            nats = token_nats(logits, batch_targets)
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            torch.cuda.empty_cache()
-            continue
-        total_nats += (nats.double() * (target_bytes > 0)).sum().cpu()
-        total_bytes += int(target_bytes.sum())
-        start += batch_size
-        del logits, nats  # before the next forward, not after it: one batch of logits at a time
-    if total_bytes == 0:
-        raise InvalidModel("the scored tokens hold no bytes (only special tokens)")
-    return total_nats.item() / math.log(2) / total_bytes, batch_size
+
+def run_plan(plan: Plan, workers: list[Worker], split_rows, token_bytes: torch.Tensor,
+             deadline: float) -> Tally:  # fmt: skip
+    twinned = {(t.split, t.row) for t in plan.twins}
+    tally = Tally({s: 0.0 for s in split_rows}, {s: 0 for s in split_rows}, {}, [])
+    for worker_index, jobs in plan.batches:
+        batch = torch.stack([job.tokens for job in jobs])
+        logits = workers[worker_index].forward(batch, deadline)
+        for split in split_rows:
+            scored = [i for i, job in enumerate(jobs) if job.kind == "score" and job.split == split]
+            if not scored:
+                continue
+            targets = split_rows[split][1][[jobs[i].row for i in scored]]
+            target_bytes = token_bytes.to(logits.device)[targets.to(logits.device)]
+            nats = token_nats(logits[scored], targets)
+            tally.nats[split] += float((nats.double() * (target_bytes > 0)).sum())
+            tally.target_bytes[split] += int(target_bytes.sum())
+        for i, job in enumerate(jobs):
+            if job.kind == "score" and (job.split, job.row) in twinned:
+                tally.kept[(job.split, job.row)] = logits[i].clone()
+            elif job.kind in ("copy", "ahead"):
+                tally.twin_logits.append((job, logits[i].clone()))
+        if not math.isfinite(sum(tally.nats.values())):
+            raise InvalidModel("the model returned NaN or Inf logits")
+    return tally
+
+
+def check_twins(tally: Tally, device: str) -> tuple[float, str | None]:
+    """The largest move between a row and its twin where none is allowed, and why the
+    model is invalid when that move is beyond rounding (None when it is not)."""
+    worst = {"copy": 0.0, "ahead": 0.0}
+    scale = 1.0
+    for job, logits in tally.twin_logits:
+        original = tally.kept[(job.split, job.row)]
+        scale = max(scale, float(original.abs().max()))
+        compared = slice(None) if job.kind == "copy" else slice(0, job.cut)
+        moved = float((logits[compared] - original[compared]).abs().max())
+        worst[job.kind] = max(worst[job.kind], moved if math.isfinite(moved) else math.inf)
+    tolerance = TOLERANCE[device] * scale
+    reason = None
+    if worst["copy"] > tolerance:
+        reason = (
+            f"the model's logits for a row moved by {worst['copy']:.3g} (tolerance "
+            f"{tolerance:.3g}) when the same row was scored again among other rows: it mixes "
+            "batch rows, keeps state between calls (stateful), or is nondeterministic")
+    elif worst["ahead"] > tolerance:
+        reason = (
+            f"the model looks ahead: changing later tokens of a row moved the logits at "
+            f"earlier positions by {worst['ahead']:.3g} (tolerance {tolerance:.3g})")
+    return max(worst.values()), reason
 
 
 def pick_batch_size(device: str, seq_len: int, vocab_size: int) -> int:
@@ -323,6 +447,9 @@ def evaluate(
     seq_len: int,
     device: str = "cpu",
     batch_size: int | None = None,
+    log_dir: str | Path | None = None,
+    confine: bool = True,
+    timeout: float = 3600.0,
 ) -> dict[str, Any]:
     """Score the model in weights_dir on the val and holdout splits: the eval.json dict.
 
@@ -333,24 +460,32 @@ def evaluate(
         "status": "invalid", "reason": None, "val_bpb": None, "holdout_bpb": None,
         "val_tokens": 0, "holdout_tokens": 0, "eval_tokens_requested": int(eval_tokens),
         "num_params_M": None, "causality_max_diff": None, "seconds": 0.0, "note": "",
+        "twin_rows": 0, "worker_isolation": None, "worker_isolation_note": None,
     }  # fmt: skip
+    own_log_dir = log_dir is None
+    logs = Path(tempfile.mkdtemp(prefix="ar-eval-")) if own_log_dir else Path(log_dir)
     try:
-        paths = Path(code_dir).resolve(), Path(weights_dir), Path(data_dir)
-        _evaluate(*paths, int(eval_tokens), int(seq_len), device, batch_size, result)
+        paths = Path(code_dir).resolve(), Path(weights_dir).resolve(), Path(data_dir)
+        _evaluate(*paths, int(eval_tokens), int(seq_len), device, batch_size, logs, confine,
+                  started + timeout, result)
         result["status"] = "ok"
     except InvalidModel as exc:
         result["reason"] = _clip(str(exc))
     except torch.cuda.OutOfMemoryError:
-        result["reason"] = "the evaluation ran out of GPU memory, even at batch size 1"
+        result["reason"] = "the evaluation ran out of GPU memory"
     except Exception as exc:
-        result["reason"] = f"the evaluation failed: {_describe(exc)}"
+        result["reason"] = _clip(f"the evaluation failed: {type(exc).__name__}: {exc}")
+    finally:
+        if own_log_dir:
+            shutil.rmtree(logs, ignore_errors=True)
     if result["status"] != "ok":
         result["val_bpb"] = result["holdout_bpb"] = None
     result["seconds"] = round(time.monotonic() - started, 3)
     return result
 
 
-def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, batch_size, result):
+def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, batch_size, logs,
+              confine, deadline, result):  # fmt: skip
     if eval_tokens < 1 or seq_len < 2 or (batch_size or 1) < 1 or device not in TOLERANCE:
         raise InvalidModel(
             f"bad arguments: eval_tokens {eval_tokens}, seq_len {seq_len}, "
@@ -364,49 +499,33 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
         split_rows[name] = rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name)
         note = _shortfall(name, eval_tokens, len(data.splits[name]), split_rows[name][0].numel())
         result["note"] = "; ".join(filter(None, [result["note"], note]))
-    with imported_train(code_dir) as train:
-        model = load_model(train, weights_dir, device, code_dir)
-        result["num_params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 6)
-        forward = make_forward(model, device, data.vocab_size, code_dir)
+    total_rows = sum(len(inputs) for inputs, _ in split_rows.values())
+    batch_size = min(batch_size or pick_batch_size(device, seq_len, data.vocab_size), total_rows)
+    plan = make_plan(split_rows, batch_size, np.random.default_rng(secrets.randbits(64)))
+    workers: list[Worker] = []
+    try:
+        for index in range(WORKERS):  # both start at once: their imports overlap
+            workers.append(Worker(index, code_dir, weights_dir, device, batch_size, seq_len,
+                                  data.vocab_size, logs, confine))  # fmt: skip
+        ready_by = min(deadline, time.monotonic() + READY_TIMEOUT_S)
+        params = [worker.wait_ready(ready_by) for worker in workers]
+        result["num_params_M"] = round(params[0] / 1e6, 6)  # as a worker reports it
+        result["worker_isolation"] = workers[0].isolation
+        result["worker_isolation_note"] = workers[0].isolation_note
         with torch.inference_mode():
-            bpb = _scores(forward, data, split_rows, device, batch_size, seq_len, result)
-    result["val_bpb"], result["holdout_bpb"] = bpb["val"], bpb["holdout"]
-
-
-def _scores(forward, data, split_rows, device, batch_size, seq_len, result) -> dict[str, float]:
-    """Probe on the first val rows, score both splits, then check the probe rows again."""
-    probe_inputs, probe_targets = (t[:PROBE_ROWS] for t in split_rows["val"])
-    checked = probe(
-        forward, _two_rows_at_least(probe_inputs, data.vocab_size), data.vocab_size, device
-    )
-    result["causality_max_diff"] = checked.max_diff
-    if checked.reason:
-        raise InvalidModel(checked.reason)
-    probe_nats = token_nats(checked.base[: len(probe_inputs)], probe_targets)
-    tolerance = checked.tolerance
-    del checked
-    bpb = {}
-    batch_size = batch_size or pick_batch_size(device, seq_len, data.vocab_size)
+            tally = run_plan(plan, workers, split_rows, data.token_bytes, deadline)
+            result["causality_max_diff"], reason = check_twins(tally, device)
+        if reason:
+            raise InvalidModel(reason)
+    finally:
+        for worker in workers:
+            worker.close()
+    result["twin_rows"] = len(plan.twins)
     for name in SPLITS:
-        inputs, targets = split_rows[name]
-        bpb[name], batch_size = score(forward, inputs, targets, data.token_bytes, batch_size)
-        result[f"{name}_tokens"] = inputs.numel()
-    # A model that keeps state between calls answers the probe rows differently by now.
-    again = _max_diff(token_nats(forward(probe_inputs), probe_targets), probe_nats)
-    if again > 2 * tolerance:  # a logit move of d moves a token's loss by at most 2d
-        raise InvalidModel(
-            f"the model is stateful: the first val rows scored again after the rest moved their "
-            f"per-token loss by {again:.3g} (tolerance {2 * tolerance:.3g})"
-        )
-    return bpb
-
-
-def _two_rows_at_least(inputs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """One row cannot show rows leaking into each other: the probe gets a random second one."""
-    if len(inputs) > 1:
-        return inputs
-    extra = torch.randint(0, vocab_size, inputs.shape, generator=torch.Generator().manual_seed(1))
-    return torch.cat([inputs, extra])
+        if tally.target_bytes[name] == 0:
+            raise InvalidModel(f"the scored {name} tokens hold no bytes (only special tokens)")
+        result[f"{name}_bpb"] = tally.nats[name] / math.log(2) / tally.target_bytes[name]
+        result[f"{name}_tokens"] = split_rows[name][0].numel()
 
 
 def _shortfall(name: str, requested: int, split_tokens: int, scored: int) -> str | None:
@@ -414,27 +533,6 @@ def _shortfall(name: str, requested: int, split_tokens: int, scored: int) -> str
         return None
     why = f"the split holds only {split_tokens}" if split_tokens <= requested else "whole rows only"
     return f"{name}: scored {scored} of {requested} requested tokens ({why})"
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def _inside(filename: str | None, directory: Path) -> bool:
-    return filename is not None and Path(filename).resolve().is_relative_to(directory)
-
-
-def _describe(exc: BaseException, code_dir: Path | None = None) -> str:
-    """`Type: message`, with the line in code_dir where it was raised, if it was."""
-    text = f"{type(exc).__name__}: {exc}"
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if code_dir and _inside(f.filename, code_dir)
-    ]
-    if frames:
-        text += f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})"
-    return _clip(text)
 
 
 def _clip(text: str) -> str:
@@ -460,19 +558,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     add = parser.add_argument
     add("--code-dir", required=True, type=Path, help="directory holding train.py and prepare.py")
-    add(
-        "--weights-dir", required=True, type=Path, help="directory holding model.pt and config.json"
-    )
+    add("--weights-dir", required=True, type=Path, help="directory holding model.pt and config.json")
     add("--data-dir", required=True, type=Path, help="the data directory written by ar prepare")
     add("--eval-tokens", required=True, type=int, help="tokens to score in each split")
     add("--seq-len", required=True, type=int, help="tokens per row")
     add("--device", default="cpu", choices=sorted(TOLERANCE))
     add("--batch-size", type=int, default=None, help="rows per forward (default: picked)")
+    add("--log-dir", type=Path, default=None, help="where the workers' logs go")
+    add("--no-confine", action="store_true", help="run the model workers unconfined")
+    add("--timeout", type=float, default=3600.0, help="seconds for the whole evaluation")
     add("--out", required=True, type=Path, help="where to write eval.json")
     args = parser.parse_args(argv)
     result = evaluate(
         args.code_dir, args.weights_dir, args.data_dir, args.eval_tokens, args.seq_len,
-        args.device, args.batch_size,
+        args.device, args.batch_size, args.log_dir, not args.no_confine, args.timeout,
     )  # fmt: skip
     try:
         write_json_atomic(args.out, result)

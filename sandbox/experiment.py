@@ -1,8 +1,14 @@
-"""One experiment run: train.py in the sandbox, then the trusted evaluation, then result.json.
+"""One experiment run: train.py confined in the sandbox, then the trusted scorer, then result.json.
 
-Every number in result.json comes from this process's clock, the sandbox's monitors or
-the trusted evaluator. What train.py prints is only used for figures it alone can know
-(steps, MFU, tokens), and never for val_bpb.
+    result = run_experiment(spec)      # spec: sandbox.spec.ExperimentSpec
+
+The training job may read its code, train.bin and the tokenizer, and write only its
+output directory and a private tmp; it cannot reach the network, the evaluation splits,
+the ledger, the repository or the user's files (sandbox/confine.py). The scorer
+(sandbox/evaluate.py) is trusted: it never imports train.py, and runs the model in
+confined workers of its own. Every number in result.json comes from this process's clock,
+the sandbox's monitors or the scorer; what train.py prints is only used for figures it
+alone can know (steps, MFU, tokens), and never for val_bpb.
 """
 
 from __future__ import annotations
@@ -10,34 +16,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sandbox import confine
+from sandbox.cpu import plan_cpu
 from sandbox.files import write_json_atomic
 from sandbox.runner import Limits, RunResult, job_env, run
+from sandbox.spec import ExperimentResult, ExperimentSpec
 
-RESULT_STATUSES = ("ok", "crash", "timeout", "oom", "invalid")
 SUMMARY_KEYS = ("num_steps", "mfu_percent", "total_tokens_M", "num_params_M", "depth")
 SUMMARY_LINE = re.compile(r"^([a-zA-Z_]+):\s+(-?[0-9.]+)\s*$")
+EVAL_DATA_FILES = ("val.bin", "holdout.bin", "token_bytes.npy", "manifest.json")
+TRAINING_DATA_FILES = ("train.bin", "tokenizer.pkl")  # all the training job may read of the data
 
 
-def _limits(config: dict[str, Any], wall_seconds: float) -> Limits:
-    box = config["sandbox"]
-    return Limits(
-        wall_seconds=wall_seconds,
-        max_rss_mb=box["max_rss_mb"],
-        max_vram_mb=box["max_vram_mb"],
-        max_file_mb=box["max_file_mb"],
-        max_open_files=box["max_open_files"],
-        network=bool(box["network"]),
-    )
-
-
-def _device(config: dict[str, Any]) -> str:
-    device = config["profile"].get("device", "auto")
+def resolve_device(device: str) -> str:
     if device != "auto":
         return device
     try:
@@ -61,6 +58,32 @@ def parse_summary(log_text: str) -> dict[str, float]:
     return figures
 
 
+def eval_data_digest(data_dir: Path) -> dict[str, str]:
+    """Hashes of the files the scorer reads; a change during the run is caught."""
+    digests = {}
+    for name in EVAL_DATA_FILES:
+        path = data_dir / name
+        if path.exists():
+            with path.open("rb") as handle:
+                digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def make_eval_data_read_only(data_dir: Path) -> None:
+    """Where the kernel cannot confine the job, stops a non-root job rewriting the data."""
+    for name in EVAL_DATA_FILES:
+        path = data_dir / name
+        if path.exists() and path.stat().st_mode & 0o222:
+            path.chmod(0o444)
+
+
+def _limits(spec: ExperimentSpec, wall_seconds: float) -> Limits:
+    box = spec.limits
+    return Limits(wall_seconds=wall_seconds, max_rss_mb=box.max_rss_mb,
+                  max_vram_mb=box.max_vram_mb, max_file_mb=box.max_file_mb,
+                  max_open_files=box.max_open_files, network=box.network)  # fmt: skip
+
+
 def _read_tail(path: Path, max_bytes: int = 256 * 1024) -> str:
     try:
         with path.open("rb") as handle:
@@ -70,7 +93,7 @@ def _read_tail(path: Path, max_bytes: int = 256 * 1024) -> str:
         return ""
 
 
-def _failure_reason(train: RunResult, budget_kill: float) -> tuple[str, str]:
+def _failure(train: RunResult, budget_kill: float) -> tuple[str, str]:
     last = next((ln for ln in reversed(train.log_tail.splitlines()) if ln.strip()), "")
     if train.reason == "timeout":
         return "timeout", f"killed at the hard limit of {budget_kill:.0f} s"
@@ -86,114 +109,89 @@ def _failure_reason(train: RunResult, budget_kill: float) -> tuple[str, str]:
     return "crash", f"train.py exited with code {train.exit_code}: {last[:200]}"
 
 
-EVAL_DATA_FILES = ("val.bin", "holdout.bin", "token_bytes.npy", "manifest.json")
-
-
-def eval_data_digest(data_dir: Path) -> dict[str, str]:
-    """Hashes of the files the trusted evaluation reads; a job that rewrites any of them is
-    caught before its evaluation."""
-    digests = {}
-    for name in EVAL_DATA_FILES:
-        path = data_dir / name
-        if path.exists():
-            with path.open("rb") as handle:
-                digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return digests
-
-
-def make_eval_data_read_only(data_dir: Path) -> None:
-    """Stops a job run by a non-root user from rewriting the evaluation data at all."""
-    for name in EVAL_DATA_FILES:
-        path = data_dir / name
-        if path.exists() and path.stat().st_mode & 0o222:
-            path.chmod(0o444)
-
-
-def run_experiment(
-    worktree: Path,
-    run_dir: Path,
-    config: dict[str, Any],
-    data_dir: Path,
-    on_progress: Callable | None = None,
-    python: str = sys.executable,
-) -> dict[str, Any]:
-    """Train `worktree`'s train.py, evaluate it, write and return run_dir/result.json."""
+def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) -> ExperimentResult:
+    """Train spec.code_dir's train.py, score it, write and return run_dir/result.json."""
+    code_dir, run_dir, data_dir = Path(spec.code_dir), Path(spec.run_dir), Path(spec.data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = run_dir / "out"
+    out_dir, tmp_dir = run_dir / "out", run_dir / "tmp"
     out_dir.mkdir(exist_ok=True)
-    profile = config["profile"]
-    device = _device(config)
-    budget = float(profile["time_budget"])
-    hard_kill = budget + float(profile["startup_allowance"])
-    env = job_env(
-        {
-            "AR_DATA_DIR": str(data_dir.resolve()),
-            "AR_OUTPUT_DIR": str(out_dir.resolve()),
-            "AR_TIME_BUDGET": str(profile["time_budget"]),
-            "AR_DEVICE": device,
-        }
-    )
-    result: dict[str, Any] = {key: None for key in (
-        "val_bpb", "holdout_bpb", "training_seconds", "total_seconds", "peak_vram_mb",
-        "peak_rss_mb", "mfu_percent", "num_steps", "num_params_M", "total_tokens_M",
-        "reason", "log_tail", "eval_tokens", "eval_note", "gpu_util_percent",
-        "network_isolated",
-    )}  # fmt: skip
+    tmp_dir.mkdir(exist_ok=True)
+    device = resolve_device(spec.device)
+    cpu = plan_cpu(device)
+    hard_kill = spec.time_budget + spec.startup_allowance
+    env = job_env({
+        "AR_DATA_DIR": str(data_dir.resolve()), "AR_OUTPUT_DIR": str(out_dir.resolve()),
+        "AR_TIME_BUDGET": str(spec.time_budget), "AR_DEVICE": device, "AR_SEED": str(spec.seed),
+        "HOME": str(tmp_dir.resolve()), "TMPDIR": str(tmp_dir.resolve()),
+        "TORCHINDUCTOR_CACHE_DIR": str((tmp_dir / "inductor").resolve()),
+        "TRITON_CACHE_DIR": str((tmp_dir / "triton").resolve()), **cpu.env,
+    })  # fmt: skip
+    result = ExperimentResult(device=device, seed=spec.seed, cpu=cpu.as_record())
     make_eval_data_read_only(data_dir)
     data_digest = eval_data_digest(data_dir)
+    confinement = None
+    if spec.confine:
+        readable = [code_dir] + [data_dir / name for name in TRAINING_DATA_FILES
+                                 if (data_dir / name).exists()]  # fmt: skip
+        confinement = confine.Confinement(
+            read=tuple(str(p.resolve()) for p in readable),
+            write=(str(out_dir.resolve()), str(tmp_dir.resolve())), gpu=device == "cuda",
+        )
     started = time.monotonic()
     train = run(
-        [python, "train.py"], cwd=worktree, env=env, limits=_limits(config, hard_kill),
-        log_path=run_dir / "train.log", on_progress=on_progress,
-    )
+        [spec.python, "train.py"], cwd=code_dir, env=env, limits=_limits(spec, hard_kill),
+        log_path=run_dir / "train.log", on_progress=on_progress, confinement=confinement,
+    )  # fmt: skip
     if train.reason == "interrupted":
         raise KeyboardInterrupt
-    result.update(
-        training_seconds=round(train.wall_seconds, 2),
-        peak_rss_mb=train.peak_rss_mb,
-        peak_vram_mb=train.peak_vram_mb,
-        gpu_util_percent=train.gpu_util_percent,
-        network_isolated=train.network_isolated,
-        log_tail=train.log_tail,
-    )
-    result.update(parse_summary(_read_tail(run_dir / "train.log")))
-    status, reason = "ok", None
+    result.training_seconds = round(train.wall_seconds, 2)
+    result.peak_rss_mb, result.peak_vram_mb = train.peak_rss_mb, train.peak_vram_mb
+    result.gpu_util_percent, result.network_isolated = train.gpu_util_percent, train.network_isolated
+    result.isolation, result.isolation_note = train.isolation, train.isolation_note
+    result.log_tail = train.log_tail
+    for key, value in parse_summary(_read_tail(run_dir / "train.log")).items():
+        setattr(result, key, value)
     if train.reason != "ok":
-        status, reason = _failure_reason(train, hard_kill)
+        result.status, result.reason = _failure(train, hard_kill)
     elif eval_data_digest(data_dir) != data_digest:
-        status, reason = "invalid", (
-            "the job modified the evaluation data in .ar/data; rebuild it with `ar prepare --force`"
-        )
+        result.status, result.reason = "invalid", (
+            "the job modified the evaluation data in .ar/data; rebuild it with `ar prepare --force`")
     elif not (out_dir / "model.pt").is_file() or not (out_dir / "config.json").is_file():
-        status, reason = "invalid", "train.py saved no weights: it must end with prepare.save_for_eval(model, config)"
+        result.status, result.reason = "invalid", (
+            "train.py saved no weights: it must end with prepare.save_for_eval(model, config)")
     else:
-        status, reason = _evaluate(worktree, run_dir, out_dir, data_dir, config, device, env, python, result)
-    result.update(status=status, reason=reason, total_seconds=round(time.monotonic() - started, 2))
-    if status != "ok":
-        result["val_bpb"] = result["holdout_bpb"] = None
-    write_json_atomic(run_dir / "result.json", result, sort_keys=True)
+        result.status, result.reason = _score(spec, code_dir, run_dir, out_dir, data_dir, device,
+                                              env, result)  # fmt: skip
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    result.total_seconds = round(time.monotonic() - started, 2)
+    if result.status != "ok":
+        result.val_bpb = result.holdout_bpb = None
+    write_json_atomic(run_dir / "result.json", result.as_dict(), sort_keys=True)
     return result
 
 
-def _evaluate(worktree, run_dir, out_dir, data_dir, config, device, env, python, result) -> tuple[str, str | None]:
-    profile = config["profile"]
+def _score(spec, code_dir, run_dir, out_dir, data_dir, device, env, result) -> tuple[str, str | None]:
+    """Run the trusted scorer (itself unconfined: it never runs the candidate's code)."""
     eval_json = run_dir / "eval.json"
+    eval_json.unlink(missing_ok=True)
     cmd = [
-        python, "-I", "-m", "sandbox.evaluate",
-        "--code-dir", str(worktree.resolve()), "--weights-dir", str(out_dir.resolve()),
-        "--data-dir", str(data_dir.resolve()), "--eval-tokens", str(int(profile["eval_tokens"])),
-        "--seq-len", str(int(profile["max_seq_len"])), "--device", device, "--out", str(eval_json),
+        spec.python, "-I", "-m", "sandbox.evaluate", "--code-dir", str(code_dir.resolve()),
+        "--weights-dir", str(out_dir.resolve()), "--data-dir", str(data_dir.resolve()),
+        "--eval-tokens", str(int(spec.eval_tokens)), "--seq-len", str(int(spec.seq_len)),
+        "--device", device, "--log-dir", str(run_dir.resolve()),
+        "--timeout", str(spec.eval_timeout), "--out", str(eval_json),
+        *(() if spec.confine else ("--no-confine",)),
     ]  # fmt: skip
-    evaluation = run(
-        cmd, cwd=run_dir, env=env, limits=_limits(config, float(profile["eval_timeout"])),
-        log_path=run_dir / "eval.log",
-    )
+    started = time.monotonic()
+    evaluation = run(cmd, cwd=run_dir, env=env, limits=_limits(spec, spec.eval_timeout + 5),
+                     log_path=run_dir / "eval.log")  # fmt: skip
+    result.eval_seconds = round(time.monotonic() - started, 2)
     if evaluation.reason == "interrupted":
         raise KeyboardInterrupt
     if evaluation.peak_vram_mb is not None:
-        result["peak_vram_mb"] = max(result["peak_vram_mb"] or 0, evaluation.peak_vram_mb)
+        result.peak_vram_mb = max(result.peak_vram_mb or 0, evaluation.peak_vram_mb)
     if evaluation.reason == "timeout":
-        return "timeout", f"the evaluation took longer than {profile['eval_timeout']} s"
+        return "timeout", f"the evaluation took longer than {spec.eval_timeout:g} s"
     if evaluation.reason in ("rss", "vram"):
         return "oom", "the evaluation exceeded the memory cap"
     try:
@@ -203,13 +201,14 @@ def _evaluate(worktree, run_dir, out_dir, data_dir, config, device, env, python,
     except (OSError, json.JSONDecodeError):
         tail = evaluation.log_tail.strip().splitlines()
         return "invalid", f"the evaluation wrote no result: {tail[-1][:200] if tail else 'no output'}"
+    result.eval_tokens = scored.get("val_tokens")
+    result.eval_note = scored.get("note")
+    result.twin_rows = scored.get("twin_rows")
+    result.causality_max_diff = scored.get("causality_max_diff")
+    result.worker_isolation = scored.get("worker_isolation")
+    if scored.get("num_params_M") is not None:
+        result.num_params_M = scored["num_params_M"]
     if scored.get("status") != "ok":
         return "invalid", scored.get("reason") or "the evaluation rejected the model"
-    result.update(
-        val_bpb=scored["val_bpb"],
-        holdout_bpb=scored["holdout_bpb"],
-        eval_tokens=scored.get("val_tokens"),
-        eval_note=scored.get("note"),
-        num_params_M=scored.get("num_params_M", result.get("num_params_M")),
-    )
+    result.val_bpb, result.holdout_bpb = scored["val_bpb"], scored["holdout_bpb"]
     return "ok", None

@@ -225,13 +225,14 @@ def test_a_model_that_refills_one_output_buffer_cannot_hide_a_look_ahead(tmp_pat
 
 
 def test_a_model_that_keeps_state_between_calls_is_invalid(tmp_path, data_dir):
-    # Honest while the probes run, then different: what a model that counts calls could do.
+    # Honest for its first calls, then different: what a model that counts calls to guess
+    # where probes are could do. Twins of its rows sit at random places in both workers.
     counting = "        self.calls = getattr(self, 'calls', 0) + 1\n"
-    source = TRAIN_PY.format(logits="table[idx] * (2.0 if self.calls > 5 else 1.0)").replace(
+    source = TRAIN_PY.format(logits="table[idx] * (2.0 if self.calls > 3 else 1.0)").replace(
         "        table = self.table\n", "        table = self.table\n" + counting
     )
     code, weights = make_run(tmp_path, source=source)
-    result = run_eval(code, weights, data_dir)
+    result = run_eval(code, weights, data_dir, batch_size=4)
     assert result["status"] == "invalid"
     assert "stateful" in result["reason"] or "nondeterministic" in result["reason"]
 
