@@ -6,9 +6,10 @@ Run as its own process from the installed package, never from the worktree:
         --eval-tokens N --seq-len T [--device cpu|cuda] [--batch-size B] --out eval.json
 
 This process never imports train.py or anything from the run's directory. It reads the
-val and holdout splits, allocates the input and logits buffers, and starts two confined
-model workers (sandbox/worker.py) that import train.py, load the weights and fill the
-logits for the input rows they are given. They never see a target or a split file; the
+val and holdout splits and starts two confined model workers (sandbox/worker.py) that
+import train.py, load the weights and fill the logits for the input rows they are given:
+through shared memory this process allocates on CPU; on CUDA through a device buffer the
+worker exports and this process opens (sandbox/cudaipc.py), so logits never leave the GPU. They never see a target or a split file; the
 cross-entropy is computed here, from the logits in buffers this process owns.
 
 Probes cannot be told apart from scoring. The rows are shuffled with a secret seed and
@@ -40,10 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from sandbox import protocol
+from sandbox import cudaipc, protocol
 from sandbox.files import write_json_atomic
 
 # ---------------------------------------------------------------------------
@@ -63,6 +62,19 @@ WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "CUD
               "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
               "OPENBLAS_NUM_THREADS", "AR_CPU_PRECISION")  # fmt: skip
 REASON_CHARS = protocol.MAX_TEXT
+# torch is imported by import_torch(), on CPU only once the workers are starting: their
+# imports of torch and train.py then overlap with the scorer's own.
+torch: Any = None
+F: Any = None
+
+
+def import_torch() -> None:
+    global torch, F
+    if torch is None:
+        import torch as _torch
+        import torch.nn.functional as _functional
+
+        torch, F = _torch, _functional
 
 
 class InvalidModel(Exception):
@@ -76,7 +88,7 @@ class InvalidModel(Exception):
 @dataclass
 class Data:
     vocab_size: int
-    token_bytes: torch.Tensor  # int64 [vocab_size], 0 for special tokens
+    token_bytes: np.ndarray  # int64 [vocab_size], 0 for special tokens
     splits: dict[str, np.ndarray]  # uint16 token ids per split
 
 
@@ -103,9 +115,11 @@ def load_data(data_dir: Path) -> Data:
         tokens = np.memmap(path, dtype="<u2", mode="r") if size else np.zeros(0, dtype="<u2")
         expected = manifest.get("splits", {}).get(name, {}).get("tokens")
         if size % 2 or (expected is not None and int(expected) != len(tokens)):
-            raise InvalidModel(f"{path} holds {size} bytes but manifest.json says {expected} tokens")
+            raise InvalidModel(
+                f"{path} holds {size} bytes but manifest.json says {expected} tokens"
+            )
         splits[name] = tokens
-    return Data(vocab_size, torch.from_numpy(token_bytes.astype(np.int64)), splits)
+    return Data(vocab_size, token_bytes.astype(np.int64), splits)
 
 
 def rows(tokens: np.ndarray, eval_tokens: int, seq_len: int, vocab_size: int, name: str):
@@ -211,15 +225,6 @@ def _shared_buffer(size: int, name: str) -> tuple[int, mmap.mmap]:
     return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def cuda_ipc_fields(storage: torch.UntypedStorage) -> tuple[str, str]:
-    """The IPC handle of a CUDA storage as one text argument, and the shared-memory file of
-    its reference count (the worker must be allowed to open it)."""
-    fields = storage._share_cuda_()
-    text = ",".join(f.hex() if isinstance(f, bytes) else str(int(f)) for f in fields)
-    ref_counter = fields[4].decode() if isinstance(fields[4], bytes) else str(fields[4])
-    return text, ref_counter
-
-
 class Worker:
     """One confined model worker: its buffers, its control pipes, its process."""
 
@@ -229,23 +234,12 @@ class Worker:
         self.shape = (rows, seq_len, vocab)
         self._fds: list[int] = []
         in_fd, self._inputs_map = _shared_buffer(rows * seq_len * 8, f"ar-inputs-{index}")
-        self.inputs = torch.from_numpy(
-            np.frombuffer(self._inputs_map, dtype=np.int64).reshape(rows, seq_len)
-        )
         self._fds.append(in_fd)
         args = ["--inputs-fd", str(in_fd)]
-        extra_write: list[str] = []
-        if device == "cuda":
-            self.logits = torch.empty(self.shape, dtype=torch.float32, device="cuda")
-            handle, ref_counter = cuda_ipc_fields(self.logits.untyped_storage())
-            args += ["--cuda-logits", handle]
-            extra_write.append(str(Path("/dev/shm") / ref_counter.lstrip("/")))
-        else:
-            out_fd, self._logits_map = _shared_buffer(rows * seq_len * vocab * 4, f"ar-logits-{index}")
+        if device != "cuda":  # on CUDA the worker allocates its logits buffer and exports it
+            size = rows * seq_len * vocab * 4
+            out_fd, self._logits_map = _shared_buffer(size, f"ar-logits-{index}")
             self._fds.append(out_fd)
-            self.logits = torch.from_numpy(
-                np.frombuffer(self._logits_map, dtype=np.float32).reshape(self.shape)
-            )
             args += ["--logits-fd", str(out_fd)]
         to_worker_r, self._to_worker = os.pipe()
         self._from_worker, from_worker_w = os.pipe()
@@ -265,10 +259,14 @@ class Worker:
         self.isolation, self.isolation_note = "none", "confinement was not asked for"
         if confine:
             cmd, self.isolation, self.isolation_note = _confined(
-                cmd, (code_dir, weights_dir, view), self.tmp, device, extra_write
+                cmd, (code_dir, weights_dir, view), self.tmp, device
             )
         env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
         env.update(HOME=str(self.tmp), TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
+        if device == "cpu":  # the workers compute at the same time: each gets its share
+            threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+            share = str(max(1, threads // WORKERS))
+            env.update(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -279,19 +277,38 @@ class Worker:
         self._fds = [fd for fd in self._fds if fd not in (to_worker_r, from_worker_w)]
 
     def wait_ready(self, deadline: float) -> int:
+        """Wait until the worker has loaded the model; its parameter count, as it says."""
+        if self.device == "cuda":
+            shared = self._receive((protocol.IPC_HANDLE, protocol.FAIL), deadline)
+            try:
+                self.logits = cudaipc.open_buffer(bytes.fromhex(shared.text), shared.value,
+                                                  self.shape, torch)  # fmt: skip
+            except (ValueError, cudaipc.CudaIpcError) as exc:
+                raise InvalidModel(f"model worker {self.index} shared no usable buffer: {exc}") from None
         message = self._receive((protocol.READY, protocol.FAIL), deadline)
+        self.inputs = torch.from_numpy(
+            np.frombuffer(self._inputs_map, dtype=np.int64).reshape(self.shape[:2])
+        )
+        if self.device != "cuda":
+            self.logits = torch.from_numpy(
+                np.frombuffer(self._logits_map, dtype=np.float32).reshape(self.shape)
+            )
         return int(message.value)
 
-    def forward(self, batch: torch.Tensor, deadline: float) -> torch.Tensor:
-        """Logits [B, T, V] for input rows [B, T], copied into memory only the scorer holds."""
-        count = len(batch)
-        self.inputs[:count].copy_(batch)
-        self.logits[:count].fill_(float("nan"))  # rows the worker leaves unwritten show up
-        protocol.send(self._to_worker, protocol.FWD, count)
+    def submit(self, batch: torch.Tensor) -> None:
+        """Ask for the logits of input rows [B, T]; collect() waits for them."""
+        self._count = len(batch)
+        self.inputs[: self._count].copy_(batch)
+        protocol.send(self._to_worker, protocol.FWD, self._count)
+
+    def collect(self, deadline: float) -> torch.Tensor:
+        """The logits [B, T, V] of the last submit(). A view of the buffer: valid until the
+        next submit(), while the worker waits (whatever it writes is its own answer; rows
+        kept for comparison are copied out)."""
         message = self._receive((protocol.DONE, protocol.FAIL), deadline)
-        if message.count != count:
+        if message.count != self._count:
             raise InvalidModel(f"model worker {self.index} broke the protocol")
-        return self.logits[:count].clone()
+        return self.logits[: self._count]
 
     def _receive(self, allowed: tuple[bytes, ...], deadline: float) -> protocol.Message:
         try:
@@ -308,11 +325,14 @@ class Worker:
         tail = _log_tail(self.log_path)
         return f"the model worker {status}" + (f": {tail}" if tail else "")
 
-    def close(self) -> None:
+    def say_bye(self) -> None:
         try:
             protocol.send(self._to_worker, protocol.BYE)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.say_bye()
         try:
             self.process.wait(2)
         except subprocess.TimeoutExpired:
@@ -332,18 +352,19 @@ def _import_view(log_dir: Path) -> Path:
     return confine.import_dir(log_dir)
 
 
-def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path, device: str,
-              extra_write: list[str]) -> tuple[list[str], str, str]:  # fmt: skip
+def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path,
+              device: str) -> tuple[list[str], str, str]:  # fmt: skip
     """The worker's command inside the kernel's confinement: it reads its code, weights and
     the Python environment, writes only its private tmp, reaches no network."""
     from sandbox import confine
 
     confinement = confine.Confinement(
-        read=tuple(map(str, readable)), write=(str(tmp), *extra_write), gpu=device == "cuda"
+        read=tuple(map(str, readable)), write=(str(tmp),), gpu=device == "cuda"
     )
     applied = confine.plan(confinement, network=False)
-    wrapped = confine.launch_cmd(applied, cmd, fsize_bytes=64 * 2**20, nofile=1024,
-                                 parent_pid=os.getpid())
+    wrapped = confine.launch_cmd(
+        applied, cmd, fsize_bytes=64 * 2**20, nofile=1024, parent_pid=os.getpid()
+    )
     return wrapped, applied.level, applied.note
 
 
@@ -380,28 +401,44 @@ class Tally:
 
 def run_plan(plan: Plan, workers: list[Worker], split_rows, token_bytes: torch.Tensor,
              deadline: float) -> Tally:  # fmt: skip
+    """Both workers compute at once; the scorer scores one's batch while the other runs."""
     twinned = {(t.split, t.row) for t in plan.twins}
     tally = Tally({s: 0.0 for s in split_rows}, {s: 0 for s in split_rows}, {}, [])
-    for worker_index, jobs in plan.batches:
-        batch = torch.stack([job.tokens for job in jobs])
-        logits = workers[worker_index].forward(batch, deadline)
-        for split in split_rows:
-            scored = [i for i, job in enumerate(jobs) if job.kind == "score" and job.split == split]
-            if not scored:
-                continue
-            targets = split_rows[split][1][[jobs[i].row for i in scored]]
-            target_bytes = token_bytes.to(logits.device)[targets.to(logits.device)]
-            nats = token_nats(logits[scored], targets)
-            tally.nats[split] += float((nats.double() * (target_bytes > 0)).sum())
-            tally.target_bytes[split] += int(target_bytes.sum())
-        for i, job in enumerate(jobs):
-            if job.kind == "score" and (job.split, job.row) in twinned:
-                tally.kept[(job.split, job.row)] = logits[i].clone()
-            elif job.kind in ("copy", "ahead"):
-                tally.twin_logits.append((job, logits[i].clone()))
-        if not math.isfinite(sum(tally.nats.values())):
-            raise InvalidModel("the model returned NaN or Inf logits")
+    queues = [[jobs for w, jobs in plan.batches if w == index] for index in range(len(workers))]
+    running: dict[int, list[Job]] = {}
+    for index, queue in enumerate(queues):
+        if queue:
+            running[index] = queue.pop(0)
+            workers[index].submit(torch.stack([job.tokens for job in running[index]]))
+    while running:
+        for index in list(running):
+            jobs = running.pop(index)
+            _tally_batch(tally, jobs, workers[index].collect(deadline), split_rows, token_bytes,
+                         twinned)  # fmt: skip
+            if queues[index]:
+                running[index] = queues[index].pop(0)
+                workers[index].submit(torch.stack([job.tokens for job in running[index]]))
     return tally
+
+
+def _tally_batch(tally: Tally, jobs: list[Job], logits: torch.Tensor, split_rows,
+                 token_bytes: torch.Tensor, twinned: set) -> None:  # fmt: skip
+    for split in split_rows:
+        scored = [i for i, job in enumerate(jobs) if job.kind == "score" and job.split == split]
+        if not scored:
+            continue
+        targets = split_rows[split][1][[jobs[i].row for i in scored]]
+        target_bytes = token_bytes.to(logits.device)[targets.to(logits.device)]
+        nats = token_nats(logits[scored], targets)
+        tally.nats[split] += float((nats.double() * (target_bytes > 0)).sum())
+        tally.target_bytes[split] += int(target_bytes.sum())
+    for i, job in enumerate(jobs):
+        if job.kind == "score" and (job.split, job.row) in twinned:
+            tally.kept[(job.split, job.row)] = logits[i].clone()
+        elif job.kind in ("copy", "ahead"):
+            tally.twin_logits.append((job, logits[i].clone()))
+    if not math.isfinite(sum(tally.nats.values())):
+        raise InvalidModel("the model returned NaN or Inf logits")
 
 
 def check_twins(tally: Tally, device: str) -> tuple[float, str | None]:
@@ -421,11 +458,13 @@ def check_twins(tally: Tally, device: str) -> tuple[float, str | None]:
         reason = (
             f"the model's logits for a row moved by {worst['copy']:.3g} (tolerance "
             f"{tolerance:.3g}) when the same row was scored again among other rows: it mixes "
-            "batch rows, keeps state between calls (stateful), or is nondeterministic")
+            "batch rows, keeps state between calls (stateful), or is nondeterministic"
+        )
     elif worst["ahead"] > tolerance:
         reason = (
             f"the model looks ahead: changing later tokens of a row moved the logits at "
-            f"earlier positions by {worst['ahead']:.3g} (tolerance {tolerance:.3g})")
+            f"earlier positions by {worst['ahead']:.3g} (tolerance {tolerance:.3g})"
+        )
     return max(worst.values()), reason
 
 
@@ -466,15 +505,25 @@ def evaluate(
     logs = Path(tempfile.mkdtemp(prefix="ar-eval-")) if own_log_dir else Path(log_dir)
     try:
         paths = Path(code_dir).resolve(), Path(weights_dir).resolve(), Path(data_dir)
-        _evaluate(*paths, int(eval_tokens), int(seq_len), device, batch_size, logs, confine,
-                  started + timeout, result)
+        _evaluate(
+            *paths,
+            int(eval_tokens),
+            int(seq_len),
+            device,
+            batch_size,
+            logs,
+            confine,
+            started + timeout,
+            result,
+        )
         result["status"] = "ok"
     except InvalidModel as exc:
         result["reason"] = _clip(str(exc))
-    except torch.cuda.OutOfMemoryError:
-        result["reason"] = "the evaluation ran out of GPU memory"
     except Exception as exc:
-        result["reason"] = _clip(f"the evaluation failed: {type(exc).__name__}: {exc}")
+        if type(exc).__name__ == "OutOfMemoryError":
+            result["reason"] = "the evaluation ran out of GPU memory"
+        else:
+            result["reason"] = _clip(f"the evaluation failed: {type(exc).__name__}: {exc}")
     finally:
         if own_log_dir:
             shutil.rmtree(logs, ignore_errors=True)
@@ -491,33 +540,40 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
             f"bad arguments: eval_tokens {eval_tokens}, seq_len {seq_len}, "
             f"batch_size {batch_size}, device {device!r}"
         )
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidModel("device cuda was asked for but CUDA is not available")
     data = load_data(data_dir)
-    split_rows = {}
-    for name in SPLITS:
-        split_rows[name] = rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name)
-        note = _shortfall(name, eval_tokens, len(data.splits[name]), split_rows[name][0].numel())
-        result["note"] = "; ".join(filter(None, [result["note"], note]))
-    total_rows = sum(len(inputs) for inputs, _ in split_rows.values())
-    batch_size = min(batch_size or pick_batch_size(device, seq_len, data.vocab_size), total_rows)
-    plan = make_plan(split_rows, batch_size, np.random.default_rng(secrets.randbits(64)))
+    total_rows = sum(max(0, min(eval_tokens, len(t) - 1) // seq_len) for t in data.splits.values())
+    batch_size = max(1, min(batch_size or pick_batch_size(device, seq_len, data.vocab_size),
+                            total_rows))  # fmt: skip
+    if device == "cuda":  # the shared device buffers need CUDA before the workers start
+        import_torch()
+        if not torch.cuda.is_available():
+            raise InvalidModel("device cuda was asked for but CUDA is not available")
     workers: list[Worker] = []
     try:
         for index in range(WORKERS):  # both start at once: their imports overlap
             workers.append(Worker(index, code_dir, weights_dir, device, batch_size, seq_len,
                                   data.vocab_size, logs, confine))  # fmt: skip
+        import_torch()
+        split_rows = {}
+        for name in SPLITS:
+            split_rows[name] = rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name)
+            note = _shortfall(name, eval_tokens, len(data.splits[name]), split_rows[name][0].numel())
+            result["note"] = "; ".join(filter(None, [result["note"], note]))
+        plan = make_plan(split_rows, batch_size, np.random.default_rng(secrets.randbits(64)))
         ready_by = min(deadline, time.monotonic() + READY_TIMEOUT_S)
         params = [worker.wait_ready(ready_by) for worker in workers]
         result["num_params_M"] = round(params[0] / 1e6, 6)  # as a worker reports it
         result["worker_isolation"] = workers[0].isolation
         result["worker_isolation_note"] = workers[0].isolation_note
         with torch.inference_mode():
-            tally = run_plan(plan, workers, split_rows, data.token_bytes, deadline)
+            token_bytes = torch.from_numpy(data.token_bytes)
+            tally = run_plan(plan, workers, split_rows, token_bytes, deadline)
             result["causality_max_diff"], reason = check_twins(tally, device)
         if reason:
             raise InvalidModel(reason)
     finally:
+        for worker in workers:
+            worker.say_bye()
         for worker in workers:
             worker.close()
     result["twin_rows"] = len(plan.twins)
@@ -558,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add = parser.add_argument
     add("--code-dir", required=True, type=Path, help="directory holding train.py and prepare.py")
-    add("--weights-dir", required=True, type=Path, help="directory holding model.pt and config.json")
+    add(
+        "--weights-dir", required=True, type=Path, help="directory holding model.pt and config.json"
+    )
     add("--data-dir", required=True, type=Path, help="the data directory written by ar prepare")
     add("--eval-tokens", required=True, type=int, help="tokens to score in each split")
     add("--seq-len", required=True, type=int, help="tokens per row")

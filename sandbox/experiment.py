@@ -20,7 +20,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sandbox import confine
 from sandbox.cpu import plan_cpu
@@ -135,7 +134,8 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
                                  if (data_dir / name).exists()]  # fmt: skip
         confinement = confine.Confinement(
             read=tuple(str(p.resolve()) for p in readable),
-            write=(str(out_dir.resolve()), str(tmp_dir.resolve())), gpu=device == "cuda",
+            write=(str(out_dir.resolve()), str(tmp_dir.resolve())),
+            gpu=device == "cuda",
         )
     started = time.monotonic()
     train = run(
@@ -146,7 +146,10 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
         raise KeyboardInterrupt
     result.training_seconds = round(train.wall_seconds, 2)
     result.peak_rss_mb, result.peak_vram_mb = train.peak_rss_mb, train.peak_vram_mb
-    result.gpu_util_percent, result.network_isolated = train.gpu_util_percent, train.network_isolated
+    result.gpu_util_percent, result.network_isolated = (
+        train.gpu_util_percent,
+        train.network_isolated,
+    )
     result.isolation, result.isolation_note = train.isolation, train.isolation_note
     result.log_tail = train.log_tail
     for key, value in parse_summary(_read_tail(run_dir / "train.log")).items():
@@ -154,11 +157,17 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
     if train.reason != "ok":
         result.status, result.reason = _failure(train, hard_kill)
     elif eval_data_digest(data_dir) != data_digest:
-        result.status, result.reason = "invalid", (
-            "the job modified the evaluation data in .ar/data; rebuild it with `ar prepare --force`")
+        result.status, result.reason = (
+            "invalid",
+            (
+                "the job modified the evaluation data in .ar/data; rebuild it with `ar prepare --force`"
+            ),
+        )
     elif not (out_dir / "model.pt").is_file() or not (out_dir / "config.json").is_file():
-        result.status, result.reason = "invalid", (
-            "train.py saved no weights: it must end with prepare.save_for_eval(model, config)")
+        result.status, result.reason = (
+            "invalid",
+            ("train.py saved no weights: it must end with prepare.save_for_eval(model, config)"),
+        )
     else:
         result.status, result.reason = _score(spec, code_dir, run_dir, out_dir, data_dir, device,
                                               env, result)  # fmt: skip
@@ -170,7 +179,9 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
     return result
 
 
-def _score(spec, code_dir, run_dir, out_dir, data_dir, device, env, result) -> tuple[str, str | None]:
+def _score(
+    spec, code_dir, run_dir, out_dir, data_dir, device, env, result
+) -> tuple[str, str | None]:
     """Run the trusted scorer (itself unconfined: it never runs the candidate's code)."""
     eval_json = run_dir / "eval.json"
     eval_json.unlink(missing_ok=True)
@@ -200,7 +211,10 @@ def _score(spec, code_dir, run_dir, out_dir, data_dir, device, env, result) -> t
         scored = json.loads(eval_json.read_text())
     except (OSError, json.JSONDecodeError):
         tail = evaluation.log_tail.strip().splitlines()
-        return "invalid", f"the evaluation wrote no result: {tail[-1][:200] if tail else 'no output'}"
+        return (
+            "invalid",
+            f"the evaluation wrote no result: {tail[-1][:200] if tail else 'no output'}",
+        )
     result.eval_tokens = scored.get("val_tokens")
     result.eval_note = scored.get("note")
     result.twin_rows = scored.get("twin_rows")

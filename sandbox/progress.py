@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch_cli.errors import ArError
+from sandbox.errors import SandboxError
 
 # The progress line of train.py (docs/internals.md); lines may end in \r instead of \n.
 STEP_LINE = re.compile(
@@ -40,7 +40,7 @@ def create_log(path: Path) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         return os.open(path, flags, 0o644)
     except OSError as exc:
-        raise ArError(f"cannot create the log {path}: {exc}") from exc
+        raise SandboxError(f"cannot create the log {path}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ violation, which the scorer treats as an invalid model.
 
     scorer -> worker   FWD  rows  0        compute logits for the first `rows` input rows
                        BYE  0     0        exit
-    worker -> scorer   REDY 0     params   the model is loaded (params: its parameter count)
+    worker -> scorer   IPCH n     offset   (CUDA) followed by n bytes: its logits buffer's IPC
+                                           handle in hex; the scorer opens it (sandbox/cudaipc.py)
+                       REDY 0     params   the model is loaded (params: its parameter count)
                        DONE rows  0        the logits of `rows` rows are in the buffer
                        FAIL n     0        followed by n bytes of text: why not
 """
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 
 HEADER = struct.Struct("<4sIQ")
 FWD, BYE = b"FWD ", b"BYE "
-READY, DONE, FAIL = b"REDY", b"DONE", b"FAIL"
-FROM_WORKER = (READY, DONE, FAIL)
+READY, DONE, FAIL, IPC_HANDLE = b"REDY", b"DONE", b"FAIL", b"IPCH"
+WITH_TEXT = (FAIL, IPC_HANDLE)  # followed by `count` bytes of text
 MAX_TEXT = 600  # a reason goes to a terminal and an LLM: a paragraph at most
 
 
@@ -42,8 +44,8 @@ class Message:
 
 def encode(kind: bytes, count: int = 0, value: int = 0, text: str = "") -> bytes:
     data = text.encode("utf-8", errors="replace")[:MAX_TEXT]
-    return HEADER.pack(kind, len(data) if kind == FAIL else count, value) + (
-        data if kind == FAIL else b""
+    return HEADER.pack(kind, len(data) if kind in WITH_TEXT else count, value) + (
+        data if kind in WITH_TEXT else b""
     )
 
 
@@ -80,7 +82,7 @@ def receive(fd: int, allowed: tuple[bytes, ...], deadline: float | None = None) 
     kind, count, value = HEADER.unpack(_read_exactly(fd, HEADER.size, deadline))
     if kind not in allowed:
         raise ProtocolError(f"unexpected message kind {kind!r}")
-    if kind == FAIL:
+    if kind in WITH_TEXT:
         if count > MAX_TEXT:
             raise ProtocolError(f"a failure text of {count} bytes (at most {MAX_TEXT})")
         return Message(kind, count, value, clean_text(_read_exactly(fd, count, deadline)))

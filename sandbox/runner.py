@@ -4,7 +4,8 @@
                  limits=Limits(wall_seconds=330, max_rss_mb=8192), log_path=run_dir / "train.log")
 
 The job starts in its own session through the launcher (limits.py), which applies the
-kernel's limits in the child (largest file, open files, no network) and execs the command.
+kernel's limits in the child (largest file, open files, no network; with a `confinement`,
+Landlock: what it may read and write, no TCP, no other processes) and execs the command.
 stdout and stderr go straight to the log file. ar watches from outside five times a
 second: wall clock, memory of the whole process tree, GPU memory, free disk, number of
 processes, size of the log. Crossing a limit kills the whole tree, grandchildren that
@@ -29,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch_cli.errors import ArError, ConfigError
-from sandbox import netns
+from sandbox import confine
+from sandbox.errors import SandboxConfigError, SandboxError
 from sandbox.gpu import GpuWatch
 from sandbox.proctree import (
     KILL_ROUNDS_SECONDS,
@@ -80,11 +81,15 @@ class Limits:
 
     def __post_init__(self) -> None:
         if not self.wall_seconds > 0:
-            raise ConfigError(f"the wall-clock limit must be positive, got {self.wall_seconds}")
+            raise SandboxConfigError(
+                f"the wall-clock limit must be positive, got {self.wall_seconds}"
+            )
         if not self.max_file_mb > 0 or not self.max_log_mb > 0:
-            raise ConfigError("max_file_mb and max_log_mb must be positive")
+            raise SandboxConfigError("max_file_mb and max_log_mb must be positive")
         if self.max_open_files < 16 or self.max_processes < 1:
-            raise ConfigError("max_open_files must be at least 16 and max_processes at least 1")
+            raise SandboxConfigError(
+                "max_open_files must be at least 16 and max_processes at least 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,8 @@ class RunResult:
     peak_processes: int = 0
     log_dropped_mb: float = 0.0
     last_progress: Progress | None = None
+    isolation: str = "none"  # confine.Support.level as applied to this job
+    isolation_note: str = ""
 
 
 def job_env(extra: dict[str, str]) -> dict[str, str]:
@@ -123,30 +130,35 @@ def run(
     log_path: Path,
     on_progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
+    confinement: confine.Confinement | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> RunResult:
     """Run `cmd` to its end or to a limit; setting `stop` ends it with reason `interrupted`.
 
+    `confinement`: what the job may read and write (confine.py); None leaves its files and
+    processes unconfined. `pass_fds`: descriptors the job inherits (pipes, memfds).
     An exception inside (KeyboardInterrupt, or one raised by on_progress) kills the whole
     tree before it propagates.
     """
     if not cmd:
-        raise ArError("the sandbox needs a command to run")
+        raise SandboxError("the sandbox needs a command to run")
     if not _active.acquire(blocking=False):
-        raise ArError("another sandbox job is already running in this process")
+        raise SandboxError("another sandbox job is already running in this process")
     try:
-        return _run(cmd, Path(cwd), env, limits, Path(log_path), on_progress, stop)
+        applied = confine.plan(
+            confinement, network=limits.network, user_namespace=limits.user_namespace
+        )
+        launcher = confine.launch_cmd(
+            applied, cmd, fsize_bytes=int(limits.max_file_mb * MB),
+            nofile=limits.max_open_files, parent_pid=os.getpid(),
+        )  # fmt: skip
+        return _run(launcher, applied, Path(cwd), env, limits, Path(log_path), on_progress, stop,
+                    tuple(pass_fds))  # fmt: skip
     finally:
         _active.release()
 
 
-def _run(cmd, cwd, env, limits, log_path, on_progress, stop) -> RunResult:
-    isolation = netns.plan(limits.network, limits.user_namespace)
-    namespaces = isolation.namespaces
-    launcher = netns.launcher_cmd(
-        "--fsize", str(int(limits.max_file_mb * MB)), "--nofile", str(limits.max_open_files),
-        "--parent", str(os.getpid()), *(("--namespaces", namespaces) if namespaces else ()),
-        "--", *cmd,
-    )  # fmt: skip
+def _run(launcher, applied, cwd, env, limits, log_path, on_progress, stop, pass_fds) -> RunResult:
     log_fd = create_log(log_path)
     tree = ProcTree()
     reaper = set_subreaper(True)
@@ -157,10 +169,10 @@ def _run(cmd, cwd, env, limits, log_path, on_progress, stop) -> RunResult:
         try:
             popen = subprocess.Popen(
                 launcher, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
-                stderr=log_fd, start_new_session=True,
+                stderr=log_fd, start_new_session=True, pass_fds=pass_fds,
             )  # fmt: skip
         except OSError as exc:
-            raise ArError(f"cannot start the job in {cwd}: {exc}") from exc
+            raise SandboxError(f"cannot start the job in {cwd}: {exc}") from exc
         tree.attach(popen.pid)
         try:
             watch = _Watch(
@@ -170,7 +182,7 @@ def _run(cmd, cwd, env, limits, log_path, on_progress, stop) -> RunResult:
         except BaseException:
             _kill_tree(tree, popen, grace=0)
             raise
-        return watch.result(isolation, reaper)
+        return watch.result(applied, reaper)
     finally:
         if watch:
             watch.close()
@@ -333,7 +345,7 @@ class _Watch:
             self.notes.append("the job's first process would not die (stuck in the kernel?)")
         self.ended = time.monotonic()
 
-    def result(self, isolation: netns.Plan, reaper: bool) -> RunResult:
+    def result(self, applied: confine.Applied, reaper: bool) -> RunResult:
         leftovers = self.tree.kill(grace=0)
         if leftovers:
             self.notes.append(f"killed {leftovers} process(es) the job left behind")
@@ -362,10 +374,11 @@ class _Watch:
             exit_code=exit_code, reason=reason, wall_seconds=round(self.ended - self.started, 3),
             peak_rss_mb=round(self.peak_rss / MB, 1), peak_vram_mb=gpu.peak_vram_mb,
             gpu_util_percent=gpu.util_percent, gpu_max_temp_c=gpu.max_temp_c, gpu_note=gpu.note,
-            network_isolated=isolation.network_isolated, network_note=isolation.note,
+            network_isolated=applied.network_isolated, network_note=applied.network_note,
             log_tail=read_tail(self.log_fd), note="; ".join(self.notes),
             peak_processes=self.peak_processes, log_dropped_mb=round(self.dropped / MB, 1),
-            last_progress=self.last_progress,
+            last_progress=self.last_progress, isolation=applied.level,
+            isolation_note=applied.note,
         )  # fmt: skip
 
     def close(self) -> None:

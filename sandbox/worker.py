@@ -3,14 +3,13 @@
 Started confined by the scorer (sandbox/evaluate.py), never by hand:
 
     python -I -m sandbox.worker --code-dir D --weights-dir W --device cpu|cuda --rows B
-        --seq-len T --vocab V --ctl-in FD --ctl-out FD --inputs-fd FD [--logits-fd FD |
-        --cuda-logits FIELDS]
+        --seq-len T --vocab V --ctl-in FD --ctl-out FD --inputs-fd FD [--logits-fd FD]
 
 It imports train.py, rebuilds the model with build_model(config), loads model.pt, says
 READY, then answers each FWD request: it reads the input rows from the buffer the scorer
 allocated, runs the model and writes float32 logits into the logits buffer the scorer
-allocated (shared memory on CPU; on CUDA a device buffer shared through CUDA IPC, so the
-logits never leave the GPU). It never sees a target or a split file, and nothing it says
+allocated (shared memory on CPU; on CUDA a device buffer this worker allocates and exports
+through CUDA IPC for the scorer to open, so the logits never leave the GPU). It never sees a target or a split file, and nothing it says
 is trusted: the scorer computes every number itself.
 """
 
@@ -21,7 +20,6 @@ import contextlib
 import importlib.util
 import json
 import mmap
-import os
 import sys
 import traceback
 import uuid
@@ -32,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sandbox import protocol
+from sandbox import cudaipc, protocol
 
 REASON_CHARS = protocol.MAX_TEXT
 
@@ -110,26 +108,8 @@ def load_model(train: Any, weights_dir: Path, device: str, code_dir: Path) -> to
 def map_cpu(fd: int, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     view = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    return torch.from_numpy(np.frombuffer(view, dtype=dtype, count=int(np.prod(shape))).reshape(shape))
-
-
-def cuda_ipc_fields(storage: torch.UntypedStorage) -> str:
-    """A CUDA storage's IPC handle as one text argument (fixed fields, hex bytes)."""
-    fields = storage._share_cuda_()
-    return ",".join(f.hex() if isinstance(f, bytes) else str(int(f)) for f in fields)
-
-
-def open_cuda_ipc(text: str, shape: tuple[int, ...]) -> torch.Tensor:
-    parts = text.split(",")
-    if len(parts) != 8:
-        raise WorkerError("bad CUDA IPC handle")
-    device, handle, size, offset, ref_handle, ref_offset, event, sync = parts
-    storage = torch.UntypedStorage._new_shared_cuda(
-        int(device), bytes.fromhex(handle), int(size), int(offset), bytes.fromhex(ref_handle),
-        int(ref_offset), bytes.fromhex(event), bool(int(sync)),
-    )  # fmt: skip
-    return torch.empty(0, dtype=torch.float32, device=f"cuda:{int(device)}").set_(
-        storage, 0, shape
+    return torch.from_numpy(
+        np.frombuffer(view, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
     )
 
 
@@ -165,8 +145,10 @@ def serve(args: argparse.Namespace) -> None:
     code_dir, weights_dir = Path(args.code_dir).resolve(), Path(args.weights_dir)
     rows, seq_len, vocab = args.rows, args.seq_len, args.vocab
     inputs = map_cpu(args.inputs_fd, (rows, seq_len), np.int64)
-    if args.device == "cuda":
-        logits = open_cuda_ipc(args.cuda_logits, (rows, seq_len, vocab))
+    if args.device == "cuda":  # allocated here and exported: the scorer opens it
+        logits = torch.empty((rows, seq_len, vocab), dtype=torch.float32, device="cuda")
+        handle, offset = cudaipc.export(logits)
+        protocol.send(args.ctl_out, protocol.IPC_HANDLE, 0, offset, handle.hex())
     else:
         logits = map_cpu(args.logits_fd, (rows, seq_len, vocab), np.float32)
     with imported_train(code_dir) as train:
@@ -209,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     add("--ctl-out", required=True, type=int)
     add("--inputs-fd", required=True, type=int)
     add("--logits-fd", type=int, default=-1)
-    add("--cuda-logits", default="")
     args = parser.parse_args(argv)
     try:
         serve(args)

@@ -342,3 +342,42 @@ def test_a_model_with_random_logits_is_invalid(tmp_path, data_dir):
     code, weights = make_run(tmp_path, logits="table[idx] + torch.randn_like(table[idx])")
     result = run_eval(code, weights, data_dir)
     assert result["status"] == "invalid" and "nondeterministic" in result["reason"]
+
+
+def test_a_model_that_cheats_only_on_rows_it_has_not_seen_is_invalid(tmp_path, data_dir):
+    # Remembers every row it answered and repeats itself, so a probe that shows it the same
+    # row twice agrees; on new rows it reads the next token. Its twins live in the other
+    # worker, which has not seen them: the look-ahead shows.
+    memo = (
+        "        self.seen = getattr(self, 'seen', {})\n"
+        "        out = table[torch.roll(idx, -1, dims=1)].clone()\n"
+        "        for i, row in enumerate(idx):\n"
+        "            key = tuple(row.tolist())\n"
+        "            out[i] = self.seen.setdefault(key, out[i])\n"
+        "        return out\n"
+    )
+    source = TRAIN_PY.format(logits="None").replace("        return None\n", memo)
+    code, weights = make_run(tmp_path, source=source)
+    result = run_eval(code, weights, data_dir, batch_size=8)
+    assert result["status"] == "invalid" and "looks ahead" in result["reason"]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+def test_on_cuda_an_honest_model_scores_as_on_cpu(tmp_path, data_dir):
+    # the workers export their logits buffers through CUDA IPC; the scorer reads them in place
+    code, weights = make_run(tmp_path)
+    on_cpu = run_eval(code, weights, data_dir)
+    on_cuda = run_eval(code, weights, data_dir, device="cuda")
+    assert on_cuda["status"] == "ok", on_cuda["reason"]
+    assert on_cuda["worker_isolation"] == on_cpu["worker_isolation"]
+    assert on_cuda["val_bpb"] == pytest.approx(on_cpu["val_bpb"], rel=1e-3)
+
+
+@cuda
+def test_on_cuda_a_look_ahead_is_invalid(tmp_path, data_dir):
+    code, weights = make_run(tmp_path, logits="table[torch.roll(idx, -1, dims=1)]")
+    result = run_eval(code, weights, data_dir, device="cuda")
+    assert result["status"] == "invalid" and "looks ahead" in result["reason"]

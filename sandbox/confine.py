@@ -1,0 +1,267 @@
+"""What an untrusted job may touch, and the launcher options that hold it to that.
+
+    confinement = Confinement(read=(str(code_dir), str(train_bin)), write=(str(out_dir), str(tmp)))
+    result = run(cmd, cwd=code_dir, env=env, limits=limits, log_path=log, confinement=confinement)
+    result.isolation   # "landlock-v7+userns+netns", or "userns+netns" / "none" where unconfined
+
+The kernel does the confining, in the job's own process just before it execs (limits.py):
+Landlock lets the job read only its own files, the Python environment and the system's
+libraries, write only its `write` directories, and neither connect over TCP, nor signal,
+trace or read the /proc files of processes outside (ptrace scoping); the user and network
+namespaces (netns.py) take the network away, loopback included. ar computes the readable
+set, never the job. Landlock binds root as well (it is not DAC), needs no privilege or
+binary and costs milliseconds. A small seccomp filter adds what Landlock (ABI <= 7) lacks:
+no unix sockets (a model server's or docker's, reached by path), no io_uring. Not
+covered: the command lines and status of other processes (world-readable in /proc, as
+for `ps`); their environ, memory and files stay closed.
+
+Where the kernel has no Landlock, the job still runs, unconfined, and `level` says so: the
+caller decides whether that is acceptable. AR_SANDBOX_LANDLOCK=0 turns Landlock off (tests,
+or a driver that fails under it).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import site
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox import netns
+from sandbox.errors import SandboxConfigError
+
+DISABLE_VARIABLE = "AR_SANDBOX_LANDLOCK"  # "0": never use Landlock
+PROBE_TIMEOUT_SECONDS = 10
+SANDBOX_PACKAGE = Path(__file__).resolve().parent
+# System files a Python/torch/numpy job reads (measured with strace on import torch, a
+# matmul and a numpy memmap); /proc is whole because /proc/self of a child is a new path,
+# and Landlock's ptrace scoping keeps the private files of other processes closed.
+SYSTEM_READ = (
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
+    "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd", "/etc/group",
+    "/etc/nsswitch.conf", "/etc/hosts", "/etc/alternatives", "/proc", "/sys/devices/system/cpu",
+    "/sys/devices/system/node", "/sys/fs/cgroup",
+)  # fmt: skip
+SYSTEM_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# The NVIDIA driver: its device files, sysfs (PCI topology, NUMA) and library directories.
+GPU_DEVICE_GLOBS = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri")
+GPU_READ = ("/sys", "/usr/local/nvidia", "/usr/local/cuda", "/opt/nvidia", "/etc/nvidia")
+# CUDA names its threads (/proc/self/task/TID/comm) and fails to start when it cannot.
+# Resolved by the launcher: the job's own process only, not its children.
+GPU_WRITE = ("/proc/self/task",)
+
+
+@dataclass(frozen=True)
+class Confinement:
+    read: tuple[str, ...] = ()  # extra readable files or directories (code, data files, weights)
+    write: tuple[str, ...] = ()  # writable directories (its output dir, its private tmp)
+    gpu: bool = False  # also the NVIDIA device files, the driver's libraries, unix sockets
+
+
+@dataclass(frozen=True)
+class Support:
+    landlock_abi: int | None  # None: no Landlock (old kernel, not Linux, forbidden, turned off)
+    namespaces: str | None  # netns.probe(): "user+net", "net" or None
+    level: str  # e.g. "landlock-v7+userns+netns", "userns+netns", "none"
+    confines_files: bool
+    note: str  # one line, in words
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one launch will get: the launcher's options and how to describe them."""
+
+    options: tuple[str, ...]  # launcher options, before "--"
+    level: str
+    note: str
+    network_isolated: bool
+    network_note: str
+
+
+def support() -> Support:
+    """What this kernel offers, probed once per process (and per AR_SANDBOX_LANDLOCK)."""
+    return _support(os.environ.get(DISABLE_VARIABLE, "") == "0")
+
+
+@functools.cache
+def _support(disabled: bool) -> Support:
+    namespaces = netns.probe().mode
+    abi, why = (None, f"Landlock turned off by {DISABLE_VARIABLE}=0") if disabled else _probe()
+    level = _level(abi, namespaces)
+    if abi is None:
+        note = f"files and processes unconfined: {why}"
+    else:
+        note = f"Landlock ABI {abi}: {', '.join(_confined(abi, network=False))} confined"
+    return Support(abi, namespaces, level, abi is not None, note)
+
+
+def _probe() -> tuple[int | None, str]:
+    if not sys.platform.startswith("linux"):
+        return None, f"no Landlock on {sys.platform}"
+    try:
+        done = subprocess.run(
+            netns.launcher_cmd("--probe", "landlock"), capture_output=True, text=True,
+            timeout=PROBE_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"the Landlock probe failed: {exc}"
+    if done.returncode != 0:
+        failure = done.stderr.strip().removeprefix("[sandbox] the launcher failed: ")
+        return None, f"the kernel refused Landlock ({failure or done.returncode})"
+    return int(done.stdout.strip()), ""
+
+
+def _confined(abi: int, network: bool) -> list[str]:
+    tcp = ["TCP"] if abi >= 4 and not network else []
+    return ["reads", "writes", *tcp, "unix sockets", "other processes"]
+
+
+def _level(abi: int | None, namespaces: str | None) -> str:
+    parts = [f"landlock-v{abi}"] if abi is not None else []
+    if namespaces and "user" in namespaces:
+        parts.append("userns")
+    if namespaces and "net" in namespaces:
+        parts.append("netns")
+    return "+".join(parts) or "none"
+
+
+def python_paths() -> tuple[str, ...]:
+    """The trusted interpreter's environment, without an editable install's project root.
+
+    sys.path entries outside the interpreter's prefixes (an editable install's repository,
+    PYTHONPATH, the current directory) are left out; the sandbox package is added by name.
+    """
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    prefixes |= {
+        sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+    prefixes |= set(site.getsitepackages())
+    roots = [os.path.realpath(path) for path in prefixes if path]
+    entries = [
+        path for path in sys.path
+        if path and (os.path.basename(path.rstrip("/")) in ("site-packages", "dist-packages")
+                     or any(_beneath(os.path.realpath(path), root) for root in roots))
+    ]  # fmt: skip
+    return _unique([*roots, *entries, str(SANDBOX_PACKAGE)])
+
+
+def default_read(gpu: bool = False) -> tuple[str, ...]:
+    paths = [*python_paths(), *SYSTEM_READ]
+    if gpu:
+        paths += [*GPU_READ, *glob.glob("/usr/local/cuda*")]
+        paths += [path for path in os.environ.get("LD_LIBRARY_PATH", "").split(":") if path]
+    return _unique(path for path in paths if os.path.exists(path))
+
+
+def default_devices(gpu: bool = False) -> tuple[str, ...]:
+    paths = list(SYSTEM_DEVICES)
+    if gpu:
+        paths += [path for pattern in GPU_DEVICE_GLOBS for path in sorted(glob.glob(pattern))]
+    return _unique(path for path in paths if os.path.exists(path))
+
+
+def launcher_args(confinement: Confinement | None, *, network: bool = False) -> list[str]:
+    """The launcher options that apply `confinement` (none where there is nothing to apply)."""
+    if confinement is None or not support().confines_files:
+        return []
+    options = ["--confine", "online" if network else "offline"]
+    for path in (*default_read(confinement.gpu), *_checked(confinement.read, "read")):
+        options += ["--read", path]
+    for path in (*_checked(confinement.write, "write"), *(GPU_WRITE if confinement.gpu else ())):
+        options += ["--write", path]
+    for path in default_devices(confinement.gpu):
+        options += ["--device", path]
+    if confinement.gpu:
+        options += ["--unix", "allow"]  # CUDA does not start without unix sockets
+    return options
+
+
+def plan(
+    confinement: Confinement | None, *, network: bool = False, user_namespace: bool = True
+) -> Applied:
+    """Namespaces and confinement for one job, from what the kernel offers and the caller asks."""
+    namespaces = netns.plan(network, user_namespace)
+    options = launcher_args(confinement, network=network)
+    abi = support().landlock_abi if options else None
+    level = _level(abi, namespaces.namespaces)
+    if confinement is None:
+        note = "files and processes unconfined: no confinement was asked"
+    elif abi is None:
+        note = support().note
+    else:
+        note = f"Landlock ABI {abi}: {', '.join(_confined(abi, network))} confined"
+        if confinement.gpu:
+            note = note.replace("unix sockets, ", "") + "; unix sockets open (CUDA needs them)"
+        if "user" not in (namespaces.namespaces or "") and os.geteuid() == 0:
+            # Measured on Linux 6.18: Landlock alone lets a root job read another root
+            # process's /proc/PID/environ and maps (mem, cwd and io stay closed).
+            note += "; without a user namespace a root job can read other processes' environ"
+    if namespaces.namespaces:
+        options = ["--namespaces", namespaces.namespaces, *options]
+    return Applied(tuple(options), level, note, namespaces.network_isolated, namespaces.note)
+
+
+def wrap(
+    cmd: list[str],
+    confinement: Confinement | None,
+    *,
+    fsize_bytes: int,
+    nofile: int,
+    network: bool = False,
+    parent_pid: int | None = None,
+    user_namespace: bool = True,
+) -> list[str]:
+    """A command line that runs `cmd` through the launcher, confined, for subprocess.Popen.
+
+    plan() with the same arguments tells the level it gets. Start it with a clean env
+    (runner.job_env) and stdin from /dev/null; parent_pid: SIGKILL the job when it dies.
+    """
+    return launch_cmd(plan(confinement, network=network, user_namespace=user_namespace), cmd,
+                      fsize_bytes=fsize_bytes, nofile=nofile, parent_pid=parent_pid)  # fmt: skip
+
+
+def launch_cmd(applied: Applied, cmd: list[str], *, fsize_bytes: int, nofile: int,
+               parent_pid: int | None = None) -> list[str]:  # fmt: skip
+    if not cmd:
+        raise SandboxConfigError("the sandbox needs a command to run")
+    parent = ("--parent", str(parent_pid)) if parent_pid is not None else ()
+    return netns.launcher_cmd(
+        "--fsize", str(int(fsize_bytes)), "--nofile", str(int(nofile)), *parent,
+        *applied.options, "--", *cmd,
+    )  # fmt: skip
+
+
+def _checked(paths: tuple[str, ...], kind: str) -> list[str]:
+    checked = []
+    for path in paths:
+        absolute = os.path.abspath(path)
+        if not os.path.exists(absolute):
+            raise SandboxConfigError(f"the confinement's {kind} path {absolute} does not exist")
+        checked.append(absolute)
+    return checked
+
+
+def _beneath(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _unique(paths) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(paths))
+
+
+def import_dir(parent: Path) -> Path:
+    """A directory from which a confined job can `import sandbox`: put it in Confinement.read
+    and on the job's PYTHONPATH. Needed where ar is an editable install, whose sys.path
+    entry is the repository root (never readable); elsewhere site-packages already has it.
+    """
+    view = Path(parent) / "ar-import"
+    view.mkdir(parents=True, exist_ok=True)
+    link = view / SANDBOX_PACKAGE.name
+    if not link.is_symlink():
+        link.symlink_to(SANDBOX_PACKAGE, target_is_directory=True)
+    return view
