@@ -37,6 +37,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# On a machine with an NVIDIA GPU: the gpu profile through ar, one table (docs/gpu-notes.md).
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py --variants SSSL,L,SSSL:flex --iterate 2 $(BENCH_GPU_FLAGS)
+
 # Regenerate the lock from pyproject.toml, keeping current pins where they still fit.
 # LOCK_FLAGS=--upgrade moves every package to its newest allowed version.
 lock: install

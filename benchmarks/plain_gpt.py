@@ -8,6 +8,7 @@ and data path as the cpu profile's train.py, so the trusted evaluation scores bo
     cp benchmarks/plain_gpt.py WORKSPACE/train.py && (cd WORKSPACE && python train.py)
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -111,8 +112,9 @@ def main():
     t_start = time.time()
     torch.manual_seed(42)
     cuda = prepare.DEVICE == "cuda"
-    # The same precision as the template's train.py, so only the recipe differs
-    autocast_ctx = torch.amp.autocast(device_type=prepare.DEVICE, dtype=torch.bfloat16)
+    # The same precision as the template's train.py (the fastest this machine runs), so only the recipe differs
+    autocast_ctx = (torch.amp.autocast(device_type=prepare.DEVICE, dtype=prepare.AUTOCAST_DTYPE)
+                    if prepare.AUTOCAST_DTYPE != torch.float32 else contextlib.nullcontext())
     tokenizer = prepare.Tokenizer.from_directory()
     config = asdict(PlainConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=tokenizer.vocab_size,
                                 n_layer=DEPTH, n_head=N_HEAD, n_embd=MODEL_DIM))
@@ -124,6 +126,7 @@ def main():
                                   lr=LEARNING_RATE, betas=ADAM_BETAS)
     loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, prepare.MAX_SEQ_LEN)
     print(f"Model config: {config} | parameters: {num_params:,}")
+    print(f"Precision: autocast {prepare.AUTOCAST_DTYPE} | threads {torch.get_num_threads()} ({prepare.PRECISION_REASON})")
 
     total_training_time = 0.0
     step = 0
@@ -158,7 +161,7 @@ def main():
     print(f"total_seconds:    {time.time() - t_start:.1f}")
     print(f"peak_vram_mb:     {torch.cuda.max_memory_allocated() / 1024 / 1024 if cuda else 0.0:.1f}")
     print("mfu_percent:      0.00")
-    print(f"total_tokens_M:   {tokens / 1e6:.1f}")
+    print(f"total_tokens_M:   {tokens / 1e6:.3f}")
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}", flush=True)

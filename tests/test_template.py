@@ -44,9 +44,10 @@ def _workspace(root: Path, profile: str = "micro", train_source: str | None = No
     return root
 
 
-def _run_train(ws: Path, data_dir: Path, out_dir: Path, budget: str = "3") -> subprocess.CompletedProcess:
+def _run_train(ws: Path, data_dir: Path, out_dir: Path, budget: str = "3",
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "AR_DATA_DIR": str(data_dir), "AR_OUTPUT_DIR": str(out_dir),
-           "AR_TIME_BUDGET": budget, "AR_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+           "AR_TIME_BUDGET": budget, "AR_DEVICE": "cpu", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.run([sys.executable, "train.py"], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -207,6 +208,8 @@ def test_micro_training_run_saves_a_model_that_rebuilds(tmp_path, micro_data, mo
     figures = dict(line.split(":", 1) for line in summary.strip().splitlines())
     assert set(SUMMARY_KEYS) <= set(figures) and "val_bpb" not in result.stdout
     assert float(figures["num_steps"]) > 1 and 2.5 < float(figures["training_seconds"]) < 10
+    # Without ar's CPU plan (a manual run) the header says fp32, the precision that is never slow
+    assert "Precision: autocast torch.float32 | Muon orthogonalisation torch.float32" in result.stdout
 
     saved_config = json.loads((out / "config.json").read_text())
     state = torch.load(out / "model.pt", weights_only=True)
@@ -223,6 +226,16 @@ def test_micro_training_run_saves_a_model_that_rebuilds(tmp_path, micro_data, mo
         logits = model.eval()(idx)
     assert logits.shape == (1, 64, saved_config["vocab_size"]) and torch.isfinite(logits).all()
     sys.modules.pop("prepare", None)
+
+
+def test_training_runs_in_the_precision_the_cpu_plan_chose(tmp_path, micro_data):
+    ws = _workspace(tmp_path / "ws")
+    result = _run_train(ws, micro_data, tmp_path / "out", budget="1",
+                        extra_env={"AR_CPU_PRECISION": "bf16", "AR_MUON_PRECISION": "fp32",
+                                   "AR_CPU_PRECISION_REASON": "measured faster"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert ("Precision: autocast torch.bfloat16 | Muon orthogonalisation torch.float32 | threads 1 "
+            "(measured faster)") in result.stdout
 
 
 def test_exploding_training_fails_fast_with_a_clear_message(tmp_path, micro_data):

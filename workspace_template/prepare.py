@@ -65,6 +65,33 @@ DATA_DIR = _find_data_dir()
 OUTPUT_DIR = Path(os.environ.get("AR_OUTPUT_DIR") or HERE / ".ar" / "out")
 
 
+# ---------------------------------------------------------------------------
+# Precision: what this machine runs fastest
+# ---------------------------------------------------------------------------
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _precision(device):
+    """(autocast dtype, Muon orthogonalisation dtype, why) for `device`.
+
+    CUDA: bf16. CPU: what ar measured on this machine before the run (bf16 autocast is
+    faster only where the CPU has bf16 instructions, and ~16x slower elsewhere), passed in
+    AR_CPU_PRECISION / AR_MUON_PRECISION. Without them (a manual run) fp32, which is never
+    the slow case.
+    """
+    if device == "cuda":
+        return torch.bfloat16, torch.bfloat16, "CUDA"
+    autocast = os.environ.get("AR_CPU_PRECISION", "")
+    muon = os.environ.get("AR_MUON_PRECISION", "") or autocast
+    if autocast in _DTYPES and muon in _DTYPES:
+        return _DTYPES[autocast], _DTYPES[muon], os.environ.get("AR_CPU_PRECISION_REASON", "set by ar")
+    return torch.float32, torch.float32, "AR_CPU_PRECISION unset: fp32, never the slow case on a CPU"
+
+
+AUTOCAST_DTYPE, MUON_DTYPE, PRECISION_REASON = _precision(DEVICE)  # train.py's autocast and Muon dtypes
+
+
 def _data_file(name):
     path = DATA_DIR / name
     if not path.exists():

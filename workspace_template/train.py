@@ -7,9 +7,10 @@ Pretrain a small GPT for a fixed time budget. Single device, single file.
 trusted evaluation (val_bpb, lower is better). Everything here may change, as long as
 build_model(config) rebuilds the model from the saved config, model(idx) returns logits
 [B, T, vocab], and the run ends with prepare.save_for_eval(model, config). The time
-budget, device and data come from prepare.py.
+budget, device, data and CPU precision come from prepare.py.
 """
 
+import contextlib
 import gc
 import math
 import sys
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 DEPTH = 8  # transformer layers
 ASPECT_RATIO = 64  # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128  # attention head dimension
-WINDOW_PATTERN = "SSSL"  # per layer, repeating: L = full context, S = half; the last layer is always L
+WINDOW_PATTERN = "L"  # per layer, repeating: L = full context, S = half; the last layer is always L.
+# All L: PyTorch's fused causal kernel beats masked half windows (H100: 1.50M vs 1.18M tok/s)
 TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step
 DEVICE_BATCH_SIZE = 128  # rows per forward/backward; gradients accumulate up to TOTAL_BATCH_SIZE
 EMBEDDING_LR = 0.6  # token and value embeddings (AdamW)
@@ -279,13 +281,13 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps
 
 
 def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
-              momentum_t, lr_t, wd_t, beta2_t, ns_steps, red_dim):
+              momentum_t, lr_t, wd_t, beta2_t, ns_steps, red_dim, ortho_dtype):
     # Nesterov momentum
     momentum = momentum_t.to(stacked_grads.dtype)
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
     # Orthogonalise the update (Polar Express), iterating on the smaller Gram matrix
-    X = g.bfloat16()
+    X = g.to(ortho_dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     if g.size(-2) > g.size(-1):
         for a, b, c in polar_express_coeffs[:ns_steps]:
@@ -316,8 +318,9 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for groups of same-shape matrices (kind='muon'), AdamW for the rest (kind='adamw')."""
 
-    def __init__(self, param_groups, compile=False):
+    def __init__(self, param_groups, compile=False, ortho_dtype=torch.bfloat16):
         super().__init__(param_groups, defaults={})
+        self.ortho_dtype = ortho_dtype
         self._adamw = torch.compile(adamw_step, dynamic=False, fullgraph=True) if compile else adamw_step
         self._muon = torch.compile(muon_step, dynamic=False, fullgraph=True) if compile else muon_step
         # 0-D CPU tensors: changing a value does not recompile the compiled steps
@@ -361,7 +364,7 @@ class MuonAdamW(torch.optim.Optimizer):
         t["muon_lr"].fill_(group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5)  # tall matrices take larger steps
         t["muon_wd"].fill_(group["weight_decay"])
         self._muon(stacked_grads, stacked_params, state["momentum_buffer"], state["second_momentum_buffer"],
-                   t["momentum"], t["muon_lr"], t["muon_wd"], t["muon_beta2"], group["ns_steps"], red_dim)
+                   t["momentum"], t["muon_lr"], t["muon_wd"], t["muon_beta2"], group["ns_steps"], red_dim, self.ortho_dtype)
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
     @torch.no_grad()
@@ -373,7 +376,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._step_muon(group)
 
 
-def setup_optimizer(model, compile=False):
+def setup_optimizer(model, compile=False, ortho_dtype=torch.bfloat16):
     matrix_params = list(model.transformer.h.parameters())
     # AdamW LRs were tuned at model_dim 768; scale them as 1/sqrt(model_dim)
     dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5
@@ -389,7 +392,7 @@ def setup_optimizer(model, compile=False):
                                  momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=WEIGHT_DECAY))
     grouped = sum(len(group["params"]) for group in param_groups)
     assert grouped == len(list(model.parameters())), "every parameter needs exactly one optimizer group"
-    optimizer = MuonAdamW(param_groups, compile=compile)
+    optimizer = MuonAdamW(param_groups, compile=compile, ortho_dtype=ortho_dtype)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     return optimizer
@@ -429,9 +432,11 @@ def main():
     if cuda:
         torch.cuda.manual_seed(42)
         torch.set_float32_matmul_precision("high")
-    # bf16 autocast on both devices, torch.compile on CUDA only.
-    # CPU (2 cores, measured): eager bf16 1.35x faster than fp32 at equal loss; torch.compile 40 s to compile, no faster; torch's default 1 thread per core 1.65x faster than 1 thread.
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # prepare.py says which precision this machine runs fastest: bf16 on CUDA, and on CPU
+    # bf16 only where it was measured faster (without native bf16 it is ~16x slower).
+    # torch.compile on CUDA only: on CPU it takes 40 s to compile and is no faster.
+    autocast_ctx = (torch.amp.autocast(device_type=device.type, dtype=prepare.AUTOCAST_DTYPE)
+                    if prepare.AUTOCAST_DTYPE != torch.float32 else contextlib.nullcontext())
     timing_skip_steps = 10 if cuda else 1  # first steps compile and warm up: not counted against the budget
     peak_flops = 989.5e12 if cuda else 0.0  # H100 bf16 dense; no reference peak on CPU
 
@@ -450,12 +455,14 @@ def main():
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
-    optimizer = setup_optimizer(model, compile=cuda)
+    optimizer = setup_optimizer(model, compile=cuda, ortho_dtype=prepare.MUON_DTYPE)
     train_model = torch.compile(model, dynamic=False) if cuda else model
 
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, prepare.MAX_SEQ_LEN)
     x, y, epoch = next(train_loader)
     print(f"Time budget: {prepare.TIME_BUDGET:g}s | device: {prepare.DEVICE} | gradient accumulation steps: {grad_accum_steps}")
+    print(f"Precision: autocast {prepare.AUTOCAST_DTYPE} | Muon orthogonalisation {prepare.MUON_DTYPE} | "
+          f"threads {torch.get_num_threads()} ({prepare.PRECISION_REASON})")
 
     smooth_train_loss = 0.0
     total_training_time = 0.0
@@ -522,7 +529,7 @@ def main():
     print(f"total_seconds:    {time.time() - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
     print(f"mfu_percent:      {steady_mfu:.2f}")
-    print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
+    print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.3f}")
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}", flush=True)
