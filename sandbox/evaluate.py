@@ -161,13 +161,14 @@ class Plan:
 
 def make_plan(split_rows: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
               rng: np.random.Generator) -> Plan:  # fmt: skip
-    """Every row scored once by a random worker; twins of some rows on the other worker;
-    each worker's rows shuffled and cut into full batches (the last one padded)."""
+    """Every row scored once, by one of the workers (half each, chosen at random); twins of
+    some rows on the other worker; each worker's rows shuffled and cut into batches of one
+    size, at most `batch_size`, as even as can be (the last one padded with filler rows)."""
     per_worker: list[list[Job]] = [[] for _ in range(WORKERS)]
     twins: list[Job] = []
     for split, (inputs, _) in split_rows.items():
         n, seq_len = inputs.shape
-        owner = rng.integers(0, WORKERS, n)
+        owner = rng.permutation(n) % WORKERS
         for row in range(n):
             per_worker[owner[row]].append(Job("score", split, row, inputs[row], worker=owner[row]))
         for kind, share in (("copy", COPY_SHARE), ("ahead", AHEAD_SHARE)):
@@ -181,6 +182,8 @@ def make_plan(split_rows: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_si
                 twins.append(twin)
     batches = []
     all_rows = [job for jobs in per_worker for job in jobs if job.kind == "score"]
+    longest = max(len(jobs) for jobs in per_worker)
+    batch_size = math.ceil(longest / math.ceil(longest / batch_size))  # one shape, little padding
     for worker, jobs in enumerate(per_worker):
         order = rng.permutation(len(jobs))
         jobs = [jobs[i] for i in order]
