@@ -127,6 +127,22 @@ def _report_recovered(current) -> None:
         )
 
 
+def _check_confinement(current, untrusted_code: bool, allowed: bool) -> None:
+    """Say once per command when the kernel cannot confine the candidate's code; refuse to
+    run model-written code then, unless the user named the risk."""
+    from sandbox.confine import support
+
+    level = support()
+    if level.confines_files:
+        return
+    current.ledger.add_event("unconfined", None, level.note)
+    typer.secho(f"warning: no confinement on this machine ({level.note}): train.py runs with "
+                "your user's access to files and processes", fg=typer.colors.YELLOW, err=True)
+    if untrusted_code and not allowed:
+        raise ArError("refusing to run LLM-written train.py unconfined; pass --unsafe-unconfined "
+                      "to accept that it can read and change anything your user can")
+
+
 def _display(current):
     from autoresearch_cli.display import Display
 
@@ -147,6 +163,7 @@ def baseline(
     try:
         with _session("ar baseline") as current:
             _report_recovered(current)
+            _check_confinement(current, untrusted_code=False, allowed=True)
             with _display(current) as display:
                 summary = runs.run_baseline(current, repeat, display)
     except KeyboardInterrupt:
@@ -169,6 +186,13 @@ def iterate(
     model: Annotated[str | None, typer.Option(help="litellm model string, e.g. anthropic/claude-sonnet-4-5.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop before an LLM call that would exceed this many USD.", min=0)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the random agent.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Experiments at once (default: one per visible GPU; one on CPU, where up to one "
+             "per core is allowed, each worker getting its share of the cores).", min=1)] = None,
+    unsafe_unconfined: Annotated[bool, typer.Option(
+        "--unsafe-unconfined",
+        help="Run LLM-written train.py even where the kernel cannot confine it: it then runs "
+             "with all of your user's access (files, keys, network).")] = False,
 ) -> None:
     """Run the research loop: propose, train, evaluate, keep or discard."""
     from autoresearch_cli import loop
@@ -180,23 +204,24 @@ def iterate(
             agent_config = dict(current.config["agent"])
             if agent:
                 agent_config["name"] = agent
-            chosen = make_agent(
-                agent_config, seed=seed, model=model, max_cost_usd=max_cost,
-                record_call=lambda record: current.ledger.record_llm_call(current.current_experiment, record),
-            )
             name = "llm" if (model or agent_config["name"] == "llm") else agent_config["name"]
+            _check_confinement(current, untrusted_code=name == "llm", allowed=unsafe_unconfined)
             with _display(current) as display:
-                stats = loop.iterate(current, chosen, name, n, display)
+                chosen = make_agent(
+                    agent_config, seed=seed, model=model, max_cost_usd=max_cost,
+                    on_stream=lambda tokens, seconds: display("answering", tokens=tokens, seconds=seconds),
+                )  # each proposal's model calls are recorded against its experiment (pipeline)
+                outcome = loop.iterate(current, chosen, name, n, display, workers=workers)
                 status = display.status_line()
     except KeyboardInterrupt:
-        _err("interrupted: the running job was killed and its experiment marked interrupted")
+        _err("interrupted: the running jobs were killed and their experiments marked interrupted")
         raise typer.Exit(130) from None
     except ArError as exc:
         _err(str(exc))
         raise typer.Exit(1) from None
     typer.echo(status)
-    if stats.stopped_because:
-        _err(f"stopped: {stats.stopped_because}")
+    if outcome.stopped_because:
+        _err(f"stopped: {outcome.stopped_because}")
         raise typer.Exit(1)
 
 

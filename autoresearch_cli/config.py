@@ -72,6 +72,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "api_key_env": "",  # environment variable holding the key
         "repair_attempts": 1,  # follow-up proposals after a crash
         "temperature": 0.7,
+        "max_output_tokens": 0,  # 0: litellm's limit for the model (at most 16384), else 12288
+        "call_timeout_s": 300,  # one model call, streamed: the stream is closed at this limit
+        "proposal_timeout_s": 900,  # all calls of one proposal, retries and follow-ups included
     },
     "keep": {
         "min_delta": -1.0,  # < 0: twice the baseline std when there are >= 2 repeats, else 0

@@ -1,20 +1,32 @@
 """What `ar baseline` and `ar iterate` show while they run.
 
-On a terminal: a live panel (experiment k/N, its description, a training progress bar,
-best val_bpb and its delta from baseline, keep/discard/crash counts, cost so far).
-Elsewhere: one plain line per experiment.
+On a terminal: a live panel (experiment k/N, a training progress bar for every running
+experiment, best val_bpb and its delta from baseline, keep/discard/crash counts, cost so
+far). Elsewhere: a plain line when an experiment starts training and one when it ends,
+and while a model answers a line every few seconds saying how far it has got, so a slow
+model is not mistaken for a hung one.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from autoresearch_cli.gitops import short
 
+PLAIN_ANSWER_EVERY_S = 5.0  # between plain "model answering" lines
+
 
 def _fmt_bpb(value: float | None) -> str:
     return f"{value:.6f}" if value is not None else "-"
+
+
+def answer_line(tokens: int, seconds: float) -> str:
+    """How far the model has got with its reply."""
+    if tokens == 0:
+        return f"  waiting for the model: {seconds:.0f} s, no token yet"
+    return f"  model answering: {tokens} token{'s' if tokens != 1 else ''}, {seconds:.0f} s"
 
 
 def outcome_line(exp_id: int, result: dict[str, Any], decision: str | None, description: str) -> str:
@@ -35,8 +47,11 @@ class Display:
         self.counts = {"keep": 0, "discard": 0, "crash": 0, "invalid": 0}
         self.best: float | None = None
         self.header = ""
+        self.answer = ""  # how far the model has got, while it answers
+        self._answer_printed_at: float | None = None
+        self._answer_tokens_printed = False
         self._progress = None
-        self._task = None
+        self._tasks: dict[int, Any] = {}  # a progress bar per running experiment
         self._live = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -72,26 +87,50 @@ class Display:
         self.descriptions[exp_id] = description
         of = f"/{total}" if total else ""
         self.header = f"experiment {index + 1}{of} (#{exp_id}, parent {short(sha)})"
+        self.answer = ""
+        self._answer_printed_at = None
+        self._answer_tokens_printed = False
         if self._progress is not None:
-            if self._task is not None:
-                self._progress.remove_task(self._task)
-            self._task = self._progress.add_task(description, total=100.0, loss="-")
+            self._tasks[exp_id] = self._progress.add_task(f"#{exp_id} {description}", total=100.0,
+                                                          loss="-")
+
+    def on_answering(self, tokens: int, seconds: float) -> None:
+        """The model's reply so far; plain output gets at most a line every few seconds."""
+        self.answer = answer_line(tokens, seconds).strip()
+        if self._live is not None:
+            return
+        now = time.monotonic()
+        first_tokens = tokens > 0 and not self._answer_tokens_printed
+        due = (self._answer_printed_at is None
+               or now - self._answer_printed_at >= PLAIN_ANSWER_EVERY_S)
+        if first_tokens or due:
+            self._answer_printed_at = now
+            self._answer_tokens_printed = self._answer_tokens_printed or tokens > 0
+            self._print(answer_line(tokens, seconds))
 
     def on_proposed(self, exp_id: int, description: str) -> None:
         self.descriptions[exp_id] = description
-        if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, description=description[:60])
+        self.answer = ""
+        if self._progress is not None and exp_id in self._tasks:
+            self._progress.update(self._tasks[exp_id], description=f"#{exp_id} {description[:56]}")
 
-    def on_training(self, exp_id: int, budget: float) -> None:
-        pass
+    def on_training(self, exp_id: int, budget: float, slot: str = "") -> None:
+        """Training began; plain output says so, since several may run at once."""
+        if self._live is None:
+            where = f" on {slot}" if slot else ""
+            self._print(f"#{exp_id:<4d} training{where}  {self.descriptions.get(exp_id, '')}")
 
     def on_progress(self, exp_id: int, progress: Any) -> None:
-        if self._progress is not None and self._task is not None:
+        if self._progress is not None and exp_id in self._tasks:
             loss = f"{progress.loss:.4f}" if progress.loss is not None else "-"
-            self._progress.update(self._task, completed=min(progress.percent, 100.0), loss=loss)
+            self._progress.update(self._tasks[exp_id], completed=min(progress.percent, 100.0),
+                                  loss=loss)
 
     def on_done(self, exp_id: int, result: dict[str, Any], decision: str | None,
                 best_bpb: float | None = None, baseline: bool = False) -> None:
+        self.answer = ""
+        if self._progress is not None and exp_id in self._tasks:
+            self._progress.remove_task(self._tasks.pop(exp_id))
         status = decision or result["status"]
         bucket = status if status in self.counts else ("crash" if status in ("timeout", "oom") else None)
         if bucket and not (baseline and decision == "keep"):  # the baseline is not a keep
@@ -124,6 +163,8 @@ class Display:
         from rich.text import Text
 
         parts = [Text(self.header or "starting", style="bold"), Text(self.status_line())]
+        if self.answer:
+            parts.insert(1, Text(self.answer))
         if self._progress is not None:
             parts.insert(1, self._progress)
         return Group(*parts)

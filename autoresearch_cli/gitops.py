@@ -107,6 +107,26 @@ def show_file(repo: Path, sha: str, relpath: str) -> bytes | None:
         return None
 
 
+def merge_file(base: str, ours: str, theirs: str) -> tuple[str, int]:
+    """Three-way merge of one file's texts: (the merged text, the number of conflicts)."""
+    import tempfile
+
+    import git as gitpython
+
+    with tempfile.TemporaryDirectory(prefix="ar-merge-") as tmp:
+        paths = []
+        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
+            path = Path(tmp) / name
+            path.write_text(text)
+            paths.append(str(path))
+        status, merged, _ = gitpython.Git(tmp).execute(
+            ["git", "merge-file", "-p", "--quiet", *paths], env=_env(),
+            with_extended_output=True, with_exceptions=False, strip_newline_in_stdout=False)
+    if status < 0:
+        raise GitError(f"git merge-file failed with status {status}")
+    return merged, status
+
+
 def changed_files(repo: Path, old_sha: str, new_sha: str) -> list[str]:
     out = git(repo, "diff", "--name-only", old_sha, new_sha)
     return [line for line in out.splitlines() if line]
@@ -114,18 +134,6 @@ def changed_files(repo: Path, old_sha: str, new_sha: str) -> list[str]:
 
 def short(sha: str | None) -> str:
     return (sha or "")[:7]
-
-
-def is_ancestor(repo: Path, ancestor: str, descendant: str) -> bool:
-    import git as gitpython
-
-    try:
-        gitpython.Git(str(repo)).execute(
-            ["git", "merge-base", "--is-ancestor", ancestor, descendant], env=_env()
-        )
-        return True
-    except gitpython.GitCommandError:
-        return False
 
 
 def worktree_add(repo: Path, path: Path, sha: str) -> None:
@@ -140,12 +148,6 @@ def worktree_remove(repo: Path, path: Path) -> None:
 
         shutil.rmtree(path, ignore_errors=True)
     git(repo, "worktree", "prune", check=False)
-
-
-def worktrees(repo: Path) -> list[Path]:
-    out = git(repo, "worktree", "list", "--porcelain")
-    paths = [Path(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("worktree ")]
-    return [p for p in paths if p.resolve() != repo.resolve()]
 
 
 def refs(repo: Path, prefix: str) -> dict[str, str]:

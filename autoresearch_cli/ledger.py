@@ -36,10 +36,11 @@ ENVIRONMENT_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_REA
                       "SQLITE_IOERR", "SQLITE_CANTOPEN")
 PID_CLOCK_SLACK_S = 2.0  # process start times and started_at come from different clocks
 
-KINDS = ("baseline", "experiment", "repair")
+KINDS = ("baseline", "experiment", "repair", "combination")
 STATUSES = ("proposing", "running", "evaluating", "ok", "crash", "timeout", "oom", "invalid",
             "interrupted")
 IN_FLIGHT = ("proposing", "running", "evaluating")
+FAILED = ("crash", "timeout", "oom")  # the run trained and failed: the agent may repair it
 DECISIONS = ("keep", "discard", None)
 
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -64,6 +65,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
             id INTEGER PRIMARY KEY, kind TEXT NOT NULL, sha TEXT, detail TEXT,
             created_at TEXT NOT NULL)""",
     ),
+    (  # 2: which limit ended an LLM call, and the prompt tokens the provider read from cache
+        "ALTER TABLE llm_calls ADD COLUMN ended_by TEXT",
+        "ALTER TABLE llm_calls ADD COLUMN cached_prompt_tokens INTEGER",
+    ),
+    (  # 3: how the run's code was confined (sandbox/confine.py levels; "none" unconfined)
+        "ALTER TABLE experiments ADD COLUMN isolation TEXT",
+    ),
+    (  # 4: the hardware a run got (workers.Slot.slot_class): only like is compared with like
+        "ALTER TABLE experiments ADD COLUMN slot_class TEXT",
+    ),
 ]
 
 # Columns `update` may set; id, pid, host and started_at belong to start_experiment.
@@ -71,13 +82,14 @@ UPDATABLE = (
     "kind", "parent_sha", "sha", "branch", "status", "decision", "description", "agent",
     "val_bpb", "holdout_bpb", "memory_gb", "training_seconds", "total_seconds", "num_steps",
     "num_params_M", "mfu_percent", "reason", "result_json", "cost_usd", "finished_at",
-    "repair_of",
+    "repair_of", "isolation", "slot_class",
 )
 # result.json keys copied verbatim into columns of the same name.
 RESULT_METRICS = ("val_bpb", "holdout_bpb", "training_seconds", "total_seconds", "num_steps",
-                  "num_params_M", "mfu_percent")
+                  "num_params_M", "mfu_percent", "isolation")
 LLM_CALL_FIELDS = ("model", "prompt", "reply", "prompt_tokens", "completion_tokens", "cost_usd",
-                   "cost_note", "latency_s", "error", "attempt")
+                   "cost_note", "latency_s", "error", "attempt", "ended_by",
+                   "cached_prompt_tokens")
 TSV_HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
 
 
@@ -109,6 +121,26 @@ def memory_gb(result: dict[str, Any]) -> float | None:
     return None
 
 
+def failed(status: str | None) -> bool:
+    """Whether a run trained and failed (crash, timeout, oom): a repair can follow."""
+    return status in FAILED
+
+
+def kept(row: dict[str, Any]) -> bool:
+    """Whether an experiment row is on the research branch's record: an ok baseline or an
+    ok experiment that was kept."""
+    return row["status"] == "ok" and (row["decision"] == "keep" or row["kind"] == "baseline")
+
+
+def mean_bpb_by_sha(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Each commit's val_bpb: the mean over its ok evaluations (baseline repeats)."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["sha"] and row["status"] == "ok" and row["val_bpb"] is not None:
+            values.setdefault(row["sha"], []).append(row["val_bpb"])
+    return {sha: statistics.fmean(bpbs) for sha, bpbs in values.items()}
+
+
 def reference_row(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     """Of the rows that evaluated one sha, the one that speaks for it.
 
@@ -116,8 +148,7 @@ def reference_row(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     equals the earliest wins (repeated baseline runs of one commit resolve to the first).
     """
     def rank(row: dict[str, Any]) -> tuple[bool, bool, int]:
-        kept = row["decision"] == "keep" or row["kind"] == "baseline"
-        return (row["status"] != "ok", not kept, row["id"])
+        return (row["status"] != "ok", not kept(row), row["id"])
 
     ranked = sorted(rows, key=rank)
     return ranked[0] if ranked else None
@@ -182,10 +213,6 @@ class Ledger:
             raise WorkspaceError(f"cannot use the ledger {self.path}: {exc}") from exc
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Ledger:
-        return cls(path)
-
-    @classmethod
     def for_workspace(cls, workspace: Path) -> Ledger:
         return cls(ledger_path(workspace))
 
@@ -197,6 +224,12 @@ class Ledger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def data_version(self) -> int:
+        """SQLite's counter of commits made by *other* connections: if it moved while a job
+        ran, something besides this ar wrote the ledger."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     @property
     def schema_version(self) -> int:
@@ -337,10 +370,15 @@ class Ledger:
             raise ArError(f"no experiment #{experiment_id} in the ledger")
         return rows[0]
 
-    def kept_chain(self) -> list[dict[str, Any]]:
-        """Ok baselines and kept experiments, in the order they ran."""
-        return self._rows("SELECT * FROM experiments WHERE status = 'ok' AND "
-                          "(kind = 'baseline' OR decision = 'keep') ORDER BY id")
+    def bpb_of(self, sha: str, slot_class: str | None = None) -> float | None:
+        """The val_bpb of one commit: the mean of its ok evaluations (those on `slot_class`
+        when given), None without one."""
+        if slot_class is None:
+            rows = self._rows("SELECT sha, status, val_bpb FROM experiments WHERE sha = ?", (sha,))
+        else:
+            rows = self._rows("SELECT sha, status, val_bpb FROM experiments WHERE sha = ? AND "
+                              "slot_class = ?", (sha, slot_class))
+        return mean_bpb_by_sha(rows).get(sha)
 
     def row_for_sha(self, sha: str) -> dict[str, Any] | None:
         """The row that speaks for a commit (a full sha or a prefix of 7+ characters)."""
@@ -369,11 +407,16 @@ class Ledger:
         row = self.row_for_sha(sha)
         return row if row is not None and row["status"] == "ok" else None
 
-    def baseline_stats(self) -> tuple[float | None, float | None, int]:
-        """(mean, sample std, n) of val_bpb over ok baseline runs; std is None below n=2."""
-        values = [row["val_bpb"] for row in self._rows(
-            "SELECT val_bpb FROM experiments WHERE kind = 'baseline' AND status = 'ok' "
-            "AND val_bpb IS NOT NULL ORDER BY id")]
+    def baseline_stats(self, slot_class: str | None = None) -> tuple[float | None, float | None, int]:
+        """(mean, sample std, n) of val_bpb over ok baseline runs (on `slot_class` or of no
+        recorded class, when given); std is None below n=2."""
+        sql = ("SELECT val_bpb FROM experiments WHERE kind = 'baseline' AND status = 'ok' "
+               "AND val_bpb IS NOT NULL")
+        params: tuple[Any, ...] = ()
+        if slot_class is not None:
+            sql += " AND (slot_class = ? OR slot_class IS NULL)"
+            params = (slot_class,)
+        values = [row["val_bpb"] for row in self._rows(sql + " ORDER BY id", params)]
         if not values:
             return None, None, 0
         std = statistics.stdev(values) if len(values) >= 2 else None
@@ -456,12 +499,11 @@ class Ledger:
 
 def tsv_line(row: dict[str, Any]) -> str | None:
     """One results.tsv line for an experiment row, None when it is not exported."""
-    if not row["sha"] or row["status"] not in ("ok", "crash", "timeout", "oom"):
+    if not row["sha"] or not (row["status"] == "ok" or failed(row["status"])):
         return None
     description = " ".join((row["description"] or "").split())
     if row["status"] == "ok" and row["val_bpb"] is not None:
-        kept = row["kind"] == "baseline" or row["decision"] == "keep"
-        status = "keep" if kept else "discard"
+        status = "keep" if kept(row) else "discard"
         val_bpb, memory = row["val_bpb"], row["memory_gb"] or 0.0
     else:
         status, val_bpb, memory = "crash", 0.0, 0.0

@@ -1,228 +1,292 @@
-"""`ar iterate`: propose -> validate -> worktree + commit -> sandboxed train -> trusted
-evaluation -> keep or discard -> record, as many times as asked.
+"""`ar iterate`: the scheduler.
 
-The branch tip is only ever moved (by compare-and-swap) to a commit that was evaluated
-here and beat the best; everything else stays reachable under refs/ar/discarded/<id>.
+It chooses how many experiments run at once (one per worker slot), on which parent, which
+failed runs get a repair, and when to stop. pipeline.py owns each experiment from its
+proposal to its decision; workers.py runs them in child processes. This process alone
+touches the ledger and git, one event at a time, so results that finish together are
+judged one after the other, each against the best at that moment.
 """
 
 from __future__ import annotations
 
-import ast
-import statistics
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
 
-from autoresearch_cli import gitops
-from autoresearch_cli.errors import AgentError, ArError
+from autoresearch_cli import gitops, pipeline
+from autoresearch_cli.agents.base import Agent, AgentError, Parent, choose_parent
+from autoresearch_cli.errors import ArError
+from autoresearch_cli.ledger import kept, mean_bpb_by_sha
+from autoresearch_cli.pipeline import Candidate, Rejected, Task
 from autoresearch_cli.runs import (
     Events,
+    RefGuard,
     Session,
     _quiet,
-    discard_weights,
-    evaluate_commit,
-    mark_interrupted,
+    experiment_spec,
     require_data,
     run_baseline,
-    worktree_for,
 )
+from autoresearch_cli.workers import Ended, LocalWorkers, Slot, default_workers, plan_slots
 
-CRASH_STATUSES = ("crash", "timeout", "oom")
+POLL_S = 0.5  # the longest the scheduler waits for its workers without looking up
 
 
 @dataclass
-class LoopStats:
-    done: int = 0
-    kept: int = 0
-    discarded: int = 0
-    crashed: int = 0
-    invalid: int = 0
-    stopped_because: str | None = None
+class IterateOutcome:
+    started: int = 0  # new experiments (repairs not counted)
+    stopped_because: str | None = None  # the agent could not go on
 
 
-def min_delta(current: Session) -> float:
-    """How much an experiment must beat the best by: ar.toml's value, or (when negative)
-    twice the std of the baseline repeats, or 0 without repeats."""
-    configured = float(current.config["keep"]["min_delta"])
-    if configured >= 0:
-        return configured
-    _, std, n = current.ledger.baseline_stats()
-    return 2 * std if std is not None and n >= 2 else 0.0
-
-
-def mean_bpb_by_sha(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Each commit's val_bpb: the mean over its ok evaluations (baseline repeats)."""
-    values: dict[str, list[float]] = {}
-    for row in rows:
-        if row["sha"] and row["status"] == "ok" and row["val_bpb"] is not None:
-            values.setdefault(row["sha"], []).append(row["val_bpb"])
-    return {sha: statistics.fmean(bpbs) for sha, bpbs in values.items()}
-
-
-def reference_bpb(current: Session, sha: str) -> float | None:
-    """val_bpb of one commit (the branch tip, in practice)."""
-    return mean_bpb_by_sha(current.ledger.experiments()).get(sha)
-
-
-def history(current: Session) -> list[Any]:
-    from autoresearch_cli.agents import HistoryItem
-
-    rows = current.ledger.experiments()
-    bpb_of = mean_bpb_by_sha(rows)  # one pass: history is built before every proposal
-    items = []
-    for row in rows:
-        if row["status"] in ("proposing", "running", "evaluating"):
-            continue
-        parent = bpb_of.get(row["parent_sha"])
-        delta = row["val_bpb"] - parent if row["val_bpb"] is not None and parent is not None else None
-        status = row["decision"] or row["status"]
-        if row["kind"] == "baseline" and row["status"] == "ok":
-            status = "baseline"
-        items.append(HistoryItem(row["id"], row["description"] or "", row["val_bpb"], status, delta))
-    return items
-
-
-def validate(train_py: str, parent_train_py: str) -> str | None:
-    """Why a proposed train.py cannot be trained, or None when it can."""
-    if train_py == parent_train_py:
-        return "the proposal does not change train.py"
-    try:
-        ast.parse(train_py)
-    except SyntaxError as exc:
-        return f"train.py does not parse: line {exc.lineno}: {exc.msg}"
-    if "build_model" not in train_py or "save_for_eval" not in train_py:
-        return "train.py must define build_model and call prepare.save_for_eval"
-    return None
-
-
-def ensure_baseline(current: Session, on_event: Events) -> float | None:
+def parents(current: Session) -> list[Parent]:
+    """The commits the next experiment may build on: the branch tip (the best) first, then
+    every other kept commit, newest first, each with its score."""
     tip = current.ws.tip()
-    best = reference_bpb(current, tip)
-    if best is None:
+    rows = current.ledger.experiments()
+    bpb_of = mean_bpb_by_sha(rows)
+    tip_row = next((row for row in rows if row["sha"] == tip), None)
+    found = [Parent(tip, bpb_of.get(tip), tip_row["id"] if tip_row else None,
+                    (tip_row["description"] or "") if tip_row else "")]
+    seen = {tip}
+    for row in reversed(rows):
+        if kept(row) and row["sha"] not in seen:
+            seen.add(row["sha"])
+            found.append(Parent(row["sha"], bpb_of.get(row["sha"]), row["id"],
+                                row["description"] or ""))
+    return found
+
+
+def ensure_baseline(current: Session, on_event: Events) -> None:
+    if current.ledger.bpb_of(current.ws.tip()) is None:
         on_event("note", message="no evaluation of the branch tip yet: running the baseline first")
         run_baseline(current, 1, on_event)
-        best = reference_bpb(current, tip)
-    return best
 
 
-def iterate(
-    current: Session,
-    agent: Any,
-    agent_name: str,
-    n: int | None,
-    on_event: Events = _quiet,
-) -> LoopStats:
-    """Run `n` experiments (None: until interrupted or the agent stops)."""
+def iterate(current: Session, agent: Agent, agent_name: str, n: int | None,
+            on_event: Events = _quiet, workers: int | None = None) -> IterateOutcome:
+    """Run `n` new experiments (None: until interrupted or the agent stops), `workers` at
+    once (None: one per visible GPU, or one on CPU)."""
     require_data(current.ws)
-    stats = LoopStats()
+    device = current.config["profile"].get("device", "auto")
+    slots = plan_slots(workers or default_workers(device), device)
     ensure_baseline(current, on_event)
-    repair_attempts = int(current.config["agent"]["repair_attempts"])
-    while n is None or stats.done < n:
+    return Scheduler(current, agent, agent_name, n, slots, on_event).run()
+
+
+@dataclass
+class Scheduler:
+    current: Session
+    agent: Agent
+    agent_name: str
+    n: int | None
+    slots: list[Slot]
+    on_event: Events
+    outcome: IterateOutcome = field(default_factory=IterateOutcome)
+    repairs: deque[Task] = field(default_factory=deque)  # repairs and combinations, first
+    # parent sha -> (id, sha, tick it ended) of the runs that beat it: combination material
+    winners: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
+    ticks: int = 0  # counts runs started and judged: tells which ran at the same time
+    started_tick: dict[int, int] = field(default_factory=dict)
+    running: dict[int, Candidate] = field(default_factory=dict)
+    proposing: int | None = None  # the experiment whose proposal is being asked for
+    suspects: dict[int, list[str]] = field(default_factory=dict)  # refs moved while it ran
+    measured: set[tuple[str, str]] = field(default_factory=set)  # (sha, slot class) tried
+    waiting: list[tuple[Candidate, pipeline.Result]] = field(default_factory=list)  # for one
+    pool: LocalWorkers | None = None  # the backend (tests give one that runs nothing)
+
+    def __post_init__(self) -> None:
+        self.pool = self.pool or LocalWorkers(self.slots)
+        self.guard = RefGuard(self.current.ws.root)
+        self.repair_attempts = int(self.current.config["agent"]["repair_attempts"])
+
+    def run(self) -> IterateOutcome:
         try:
-            outcome = _one_experiment(current, agent, agent_name, stats, n, None, None, on_event)
-            attempts = 0
-            while outcome and outcome[0] in CRASH_STATUSES and attempts < repair_attempts:
-                attempts += 1
-                failure_id, failure = outcome[1], outcome[2]
-                outcome = _one_experiment(current, agent, agent_name, stats, n, failure_id, failure, on_event)
-        except AgentError as exc:
-            stats.stopped_because = str(exc)
-            break
-    return stats
-
-
-def _one_experiment(current, agent, agent_name, stats, n, repair_of, failure, on_event):
-    """One proposal through to a decision. Returns (status, id, failure text) or None."""
-    from autoresearch_cli.agents import ProposalError
-
-    ws, ledger = current.ws, current.ledger
-    tip = ws.tip()
-    best_bpb = reference_bpb(current, tip)
-    parent_train_py = (gitops.show_file(ws.root, tip, "train.py") or b"").decode()
-    shown_train_py = parent_train_py
-    if repair_of is not None:  # a repair starts from the train.py that failed
-        failed_sha = ledger.get(repair_of)["sha"]
-        shown_train_py = (gitops.show_file(ws.root, failed_sha, "train.py") or b"").decode() or parent_train_py
-    program_md = _program_md(current, tip)
-    kind = "repair" if repair_of else "experiment"
-    exp_id = ledger.start_experiment(kind, tip, None, agent_name, repair_of=repair_of, branch=ws.branch)
-    current.current_experiment = exp_id
-    stats.done += 1
-    on_event("start", exp_id=exp_id, index=stats.done - 1, total=n, description="(proposing)", sha=tip)
-    try:
-        try:
-            proposal = agent.propose(shown_train_py, program_md, history(current), failure)
-        except ProposalError as exc:
-            return _reject(current, stats, exp_id, exc.reason, on_event)
-        except AgentError as exc:  # the agent cannot go on (auth, model, budget): stop the loop
-            ledger.finish(exp_id, "invalid", None, None, reason=f"no proposal: {exc}")
-            stats.invalid += 1
+            while True:
+                self._fill_slots()
+                if not self.pool.running:
+                    if not self.waiting:
+                        return self.outcome
+                    self._judge_waiting(force=True)  # a measurement failed: judge as we can
+                    continue
+                for event in self.pool.wait(POLL_S):
+                    if isinstance(event, Ended):
+                        self._finish(event)
+                    else:
+                        self.on_event("progress", exp_id=event.exp_id, progress=event.progress)
+        except KeyboardInterrupt:
+            self._stop_everything("interrupted by the user")
             raise
-        ledger.update(exp_id, description=proposal.description)
-        on_event("proposed", exp_id=exp_id, description=proposal.description)
-        reason = validate(proposal.train_py, parent_train_py)
-        if reason:
-            return _reject(current, stats, exp_id, reason, on_event)
-        with worktree_for(current, exp_id, tip) as worktree:
-            (worktree / "train.py").write_text(proposal.train_py)
-            sha = gitops.commit_file(worktree, "train.py", proposal.description or f"experiment {exp_id}")
-            changed = gitops.changed_files(ws.root, tip, sha)
-            if changed != ["train.py"]:
-                return _reject(current, stats, exp_id, f"the commit changes {', '.join(changed)}", on_event)
-            ledger.update(exp_id, sha=sha)
-            gitops.update_ref(ws.root, f"{gitops.DISCARDED_PREFIX}{exp_id}", sha, None)
-            result = evaluate_commit(current, exp_id, sha, worktree, on_event)
-    except KeyboardInterrupt:
-        mark_interrupted(current, exp_id)
-        raise
-    return _decide(current, stats, exp_id, tip, sha, best_bpb, result, on_event)
+        except BaseException as exc:
+            self._stop_everything(f"ar stopped: {exc}")
+            raise
 
+    # --- starting ------------------------------------------------------------------------
 
-def _program_md(current: Session, tip: str) -> str:
-    """The human's instructions: the workspace's program.md as it is on disk now, so an
-    edit steers the next proposal; the committed one if the file is gone."""
-    path = current.ws.root / "program.md"
-    if path.is_file():
-        return path.read_text()
-    return (gitops.show_file(current.ws.root, tip, "program.md") or b"").decode()
+    def _next_task(self) -> Task | None:
+        if self.outcome.stopped_because is not None:
+            return None
+        if self.repairs:
+            return self.repairs.popleft()
+        if self.n is not None and self.outcome.started >= self.n:
+            return None
+        self.outcome.started += 1
+        return Task(choose_parent(self.agent, parents(self.current)))
 
+    def _tip(self) -> Parent:
+        tip = self.current.ws.tip()
+        return Parent(tip, self.current.ledger.bpb_of(tip), None, "")
 
-def _reject(current, stats, exp_id, reason, on_event):
-    current.ledger.finish(exp_id, "invalid", None, None, reason=reason)
-    stats.invalid += 1
-    on_event("done", exp_id=exp_id, result={"status": "invalid", "reason": reason, "val_bpb": None}, decision=None)
-    return ("invalid", exp_id, reason)
+    def _has_work(self) -> bool:
+        return self.outcome.stopped_because is None and bool(
+            self.repairs or self.n is None or self.outcome.started < self.n)
 
+    def _measurement(self, slot: Slot) -> Task | None:
+        """A run of the tip on `slot`'s class when the tip has a score, but none from that
+        class, and something is to be judged there: like is compared only with like."""
+        tip = self._tip()
+        key = (tip.sha, slot.slot_class)
+        if tip.val_bpb is None or key in self.measured:
+            return None
+        if self.current.ledger.bpb_of(tip.sha, slot.slot_class) is not None:
+            return None
+        if not self._has_work() and not any(c.slot_class == slot.slot_class
+                                            for c, _ in self.waiting):
+            return None
+        self.measured.add(key)
+        return Task(tip, measure=True)
 
-def _decide(current, stats, exp_id, tip, sha, best_bpb, result, on_event):
-    ws, ledger = current.ws, current.ledger
-    status = result["status"]
-    decision = None
-    if status == "ok":
-        threshold = min_delta(current)
-        if best_bpb is None or result["val_bpb"] < best_bpb - threshold:
-            decision = "keep"
-        else:
-            decision = "discard"
-    if decision == "keep":
-        gitops.update_ref(ws.root, ws.branch_ref(), sha, tip)  # compare-and-swap
-        gitops.delete_ref(ws.root, f"{gitops.DISCARDED_PREFIX}{exp_id}")
-        gitops.sync_checkout(ws.root, ws.branch, tip, sha)
-        stats.kept += 1
-    else:
-        discard_weights(ws.runs_dir / str(exp_id))
-        if status == "ok":
-            stats.discarded += 1
-        elif status == "invalid":
-            stats.invalid += 1
-        else:
-            stats.crashed += 1
-    ledger.finish(exp_id, status, decision, result, sha=sha)
-    current.export()
-    on_event("done", exp_id=exp_id, result=result, decision=decision, best_bpb=best_bpb)
-    failure = None
-    if status in ("crash", "timeout", "oom"):
-        failure = f"{result.get('reason')}\n\nLast lines of the training log:\n{result.get('log_tail') or ''}"
-    return (status, exp_id, failure)
+    def _fill_slots(self) -> None:
+        while free := self.pool.free_slots():
+            measurements = ((slot, self._measurement(slot)) for slot in free)
+            slot, task = next(((s, t) for s, t in measurements if t), (free[0], None))
+            task = task or self._next_task()
+            if task is None:
+                return
+            self._start(task, slot)
+
+    def _start(self, task: Task, slot: Slot) -> None:
+        current = self.current
+        exp_id = pipeline.open_experiment(current, task, self.agent_name)
+        if task.measure:
+            measurement = pipeline.checkout_parent(current, exp_id, task, slot.slot_class)
+            self.on_event("start", exp_id=exp_id, index=max(self.outcome.started - 1, 0),
+                          total=self.n, description=measurement.description, sha=task.parent.sha)
+            self._run(measurement, slot)
+            return
+        self.proposing = exp_id
+        self.on_event("start", exp_id=exp_id, index=self.outcome.started - 1, total=self.n,
+                      description="(proposing)", sha=task.parent.sha)
+        try:
+            if task.combines is not None:
+                proposal = pipeline.combine(current, exp_id, task)
+            else:
+                proposal = pipeline.propose(current, self.agent, exp_id, task)
+        except AgentError as exc:
+            self.proposing = None
+            self.outcome.stopped_because = str(exc)
+            self._rejected(Rejected(exp_id, f"no proposal: {exc}"))
+            return
+        if isinstance(proposal, Rejected):
+            self.proposing = None
+            self._rejected(proposal)
+            return
+        self.on_event("proposed", exp_id=exp_id, description=proposal.description)
+        candidate = pipeline.commit(current, self.guard, exp_id, task, proposal, slot.slot_class)
+        self.proposing = None
+        if isinstance(candidate, Rejected):
+            self._rejected(candidate)
+            return
+        self._run(candidate, slot)
+
+    def _run(self, candidate: Candidate, slot: Slot) -> None:
+        spec = experiment_spec(self.current, candidate.run_dir, candidate.worktree)
+        self.ticks += 1
+        self.started_tick[candidate.exp_id] = self.ticks
+        self.running[candidate.exp_id] = candidate
+        self.pool.start(candidate.exp_id, slot, dataclasses.replace(spec, device=slot.device))
+        self.on_event("training", exp_id=candidate.exp_id, budget=spec.time_budget,
+                      slot=slot.label)
+
+    def _rejected(self, rejected: Rejected) -> None:
+        self.on_event("done", exp_id=rejected.exp_id, decision=None,
+                      result={"status": "invalid", "reason": rejected.reason, "val_bpb": None})
+
+    # --- finishing -----------------------------------------------------------------------
+
+    def _finish(self, ended: Ended) -> None:
+        candidate = self.running.pop(ended.exp_id)
+        moved = self.guard.restore()  # a ref moved by a job: every run in flight is suspect
+        for other in self.running:
+            self.suspects.setdefault(other, []).extend(moved)
+        tampered = moved + self.suspects.pop(ended.exp_id, [])
+        result = pipeline.check(self.current, candidate, ended.result, tampered)
+        if not candidate.task.measure and self._unmeasured(candidate.slot_class):
+            self.waiting.append((candidate, result))  # judged once the tip is measured there
+            return
+        self._judge(candidate, result)
+        self._judge_waiting()
+
+    def _unmeasured(self, slot_class: str) -> bool:
+        """Whether the tip's score on `slot_class` is still to come (or to be asked for)."""
+        tip = self._tip()
+        if tip.val_bpb is None or self.current.ledger.bpb_of(tip.sha, slot_class) is not None:
+            return False
+        in_flight = any(c.task.measure and c.sha == tip.sha and c.slot_class == slot_class
+                        for c in self.running.values())
+        return in_flight or (tip.sha, slot_class) not in self.measured
+
+    def _judge_waiting(self, force: bool = False) -> None:
+        for candidate, result in list(self.waiting):
+            if force or not self._unmeasured(candidate.slot_class):
+                self.waiting.remove((candidate, result))
+                self._judge(candidate, result)
+
+    def _judge(self, candidate: Candidate, result: pipeline.Result) -> None:
+        decision = pipeline.record(self.current, self.guard, candidate, result)
+        self.on_event("done", exp_id=candidate.exp_id, result=result.details,
+                      decision=decision.verdict, best_bpb=decision.best_bpb,
+                      baseline=candidate.task.measure)
+        task = candidate.task
+        if task.measure:
+            return
+        if pipeline.should_repair(result.status, task.repairs_so_far, self.repair_attempts):
+            self.repairs.append(Task(parents(self.current)[0], repair_of=candidate.exp_id,
+                                     failure=result.failure,
+                                     repairs_so_far=task.repairs_so_far + 1))
+        self._maybe_combine(candidate, decision)
+
+    def _maybe_combine(self, candidate: Candidate, decision: pipeline.Decision) -> None:
+        """Two experiments of one parent that both beat it ran at the same time: try both
+        changes together, on the tip (which one of them is now)."""
+        task = candidate.task
+        parent_bpb = pipeline.best_on(self.current, task.parent.sha, candidate.slot_class)
+        beat_parent = pipeline.decide(decision.result.status, decision.result.val_bpb,
+                                      parent_bpb, decision.threshold) == pipeline.KEEP
+        self.ticks += 1
+        if task.combines is not None or not beat_parent:
+            return
+        # parent -> (id, sha, tick it ended) of the runs that beat it
+        winners = self.winners.setdefault(task.parent.sha, [])
+        tip = parents(self.current)[0]
+        started = self.started_tick.get(candidate.exp_id, 0)
+        for earlier_id, earlier_sha, ended in winners:
+            if ended > started and tip.sha in (earlier_sha, candidate.sha):  # concurrent
+                pair = (min(earlier_id, candidate.exp_id), max(earlier_id, candidate.exp_id))
+                self.repairs.append(Task(tip, combines=pair))
+                break
+        winners.append((candidate.exp_id, candidate.sha, self.ticks))
+
+    def _stop_everything(self, reason: str) -> None:
+        """Ctrl-C, a kill or an error: stop every job, and say why in each row."""
+        for exp_id in self.pool.stop_all():
+            pipeline.interrupt(self.current, self.running.pop(exp_id, None), exp_id, reason)
+        for candidate, _ in self.waiting:  # ended, but not judged yet: result.json stays
+            pipeline.interrupt(self.current, candidate, candidate.exp_id,
+                               f"{reason} (before its slot class had a score of the tip)")
+        if self.proposing is not None:
+            pipeline.interrupt(self.current, None, self.proposing, reason)
+            worktree = self.current.ws.worktrees_dir / str(self.proposing)
+            gitops.worktree_remove(self.current.ws.root, worktree)
 
 
 def revert(current: Session, sha: str) -> tuple[str, str]:
@@ -230,8 +294,7 @@ def revert(current: Session, sha: str) -> tuple[str, str]:
     row = current.ledger.row_for_sha(sha.strip().lower())
     if row is None or not row["sha"]:
         raise ArError(f"commit {sha} is not an experiment of this workspace")
-    kept = row["status"] == "ok" and (row["decision"] == "keep" or row["kind"] == "baseline")
-    if not kept:
+    if not kept(row):
         what = row["decision"] or row["status"]
         raise ArError(f"commit {gitops.short(row['sha'])} was never kept ({what}); only kept commits can be restored")
     ws = current.ws

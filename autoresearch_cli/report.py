@@ -17,11 +17,10 @@ from rich.table import Table
 from rich.text import Text
 
 from autoresearch_cli.errors import ArError
-from autoresearch_cli.ledger import CostTotal, reference_row
+from autoresearch_cli.ledger import FAILED, CostTotal, reference_row
 
 Row = dict[str, Any]
 
-FAILED = ("crash", "timeout", "oom")
 OUTCOME_STYLES = {"keep": "bold green", "baseline": "bold blue", "discard": "dim",
                   "crash": "red", "timeout": "red", "oom": "red", "invalid": "magenta",
                   "interrupted": "yellow"}

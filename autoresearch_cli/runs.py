@@ -1,5 +1,7 @@
 """Running commits: the session that owns a workspace's experiments, recovery after a
-kill, one evaluated run of a commit in its own worktree, and `ar baseline`.
+kill, the checks every run goes through afterwards (protected files, git refs through a
+RefGuard, the ledger), the spec the sandbox is handed, and `ar baseline` (runs of the
+tip in this process; `ar iterate` runs its experiments in worker processes, workers.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ class Session:
     config: dict[str, Any]
     ledger: Ledger
     recovered: list[dict[str, Any]] = field(default_factory=list)
-    current_experiment: int | None = None  # LLM calls are recorded against it
 
     def export(self) -> None:
         self.ledger.export_tsv(self.ws.results_tsv)
@@ -134,11 +135,40 @@ def evaluate_commit(
     tampered = protected_changes(current.ws, worktree, sha)
     tampered += restore_refs(current.ws.root, refs_before)
     if current.ledger.data_version() != ledger_before:
-        tampered.append("the ledger (.ar/ledger.db)")
+        tampered.append(LEDGER_TAMPERED)
+    return invalidate(result, tampered)
+
+
+LEDGER_TAMPERED = "the ledger (.ar/ledger.db)"
+
+
+def invalidate(result: dict[str, Any], tampered: list[str]) -> dict[str, Any]:
+    """result.json's dict, made invalid when the job changed what it must not."""
     if tampered:
         result.update(status="invalid", val_bpb=None, holdout_bpb=None,
-                      reason=f"the job changed {', '.join(tampered)}")
+                      reason=f"the job changed {', '.join(sorted(set(tampered)))}")
     return result
+
+
+class RefGuard:
+    """The git refs as ar left them. ar's own moves go through it, so while several jobs
+    run, a ref that anything else moved is found, and put back, at any moment."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+        self.expected = gitops.refs(repo, "refs/")
+
+    def update(self, ref: str, new_sha: str, expected_old: str | None) -> None:
+        gitops.update_ref(self.repo, ref, new_sha, expected_old)
+        self.expected[ref] = new_sha
+
+    def delete(self, ref: str) -> None:
+        gitops.delete_ref(self.repo, ref)
+        self.expected.pop(ref, None)
+
+    def restore(self) -> list[str]:
+        """Put back what moved since ar last moved a ref; what moved, in words."""
+        return restore_refs(self.repo, self.expected)
 
 
 def restore_refs(repo: Path, before: dict[str, str]) -> list[str]:
@@ -195,14 +225,17 @@ class BaselineSummary:
 def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> BaselineSummary:
     """Train and evaluate the branch tip `repeat` times, each run a ledger row."""
     require_data(current.ws)
+    from autoresearch_cli.workers import machine_class
+
     tip = current.ws.tip()
+    slot_class = machine_class(current.config["profile"].get("device", "auto"))
     summary = BaselineSummary(sha=tip, results=[])
     for index in range(repeat):
         exp_id = current.ledger.start_experiment(
             "baseline", parent_sha=tip, description="baseline", agent=None,
             status="running", branch=current.ws.branch,
         )
-        current.ledger.update(exp_id, sha=tip)
+        current.ledger.update(exp_id, sha=tip, slot_class=slot_class)
         on_event("start", exp_id=exp_id, index=index, total=repeat, description="baseline", sha=tip)
         try:
             with worktree_for(current, exp_id, tip) as worktree:

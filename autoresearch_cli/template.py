@@ -13,8 +13,12 @@ from autoresearch_cli.resources import template_dir
 # Profile -> {CONSTANT_NAME: Python literal}. The gpu profile is the template as written.
 TRAIN_OVERRIDES: dict[str, dict[str, str]] = {
     "gpu": {},
-    # Tuned on 2 CPU cores for a 60 s budget, where a few hundred small steps beat any
-    # larger model: depth 2 and width 128 with 2048-token steps.
+    # Tuned on 2 CPU cores for 60 s (the profile) and 20 s (the demo), where a few hundred
+    # small steps beat any larger model: depth 2 and width 128 with 2048-token steps.
+    # Re-checked for the fp32 path (a CPU without native bf16, emulated), 2026-11-24, on a
+    # shared machine (noisy): width 192 or 256, or depth 3, ran ~2.5x fewer steps and scored
+    # worse at 60 s (1.82-1.84 vs 1.57); 1024-token steps lost a back-to-back pair at 60 s
+    # (1.91 vs 1.85) and at 20 s; 1.5x the Muon and embedding LRs made no difference.
     "cpu": {
         "DEPTH": "2",
         "ASPECT_RATIO": "64",
@@ -39,15 +43,17 @@ def template_train_py() -> str:
 def set_constants(source: str, values: dict[str, str]) -> str:
     """Replace the values of module-level `NAME = ...` assignments, keeping each line's comment.
 
-    `values` maps a constant's name to the Python literal text of its new value. Raises
-    ValueError when a name is not assigned exactly once on one line at module level, or
-    when a value is not a valid expression.
+    The one constants rewriter: profiles use it to render train.py, the random agent to
+    write its mutations. `values` maps a constant's name to the Python literal text of its
+    new value. Raises ValueError when a name is not assigned exactly once on one line at
+    module level (`NAME = v` or `NAME: T = v`), or when a value is not a valid expression.
     """
     tree = ast.parse(source)
-    targets: dict[str, list[ast.Assign]] = {}
+    targets: dict[str, list[ast.expr]] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            targets.setdefault(node.targets[0].id, []).append(node)
+        name = assigned_name(node)
+        if name is not None and node.value is not None:
+            targets.setdefault(name, []).append(node.value)
     lines = source.splitlines(keepends=True)
     for name, literal in values.items():
         try:
@@ -57,13 +63,24 @@ def set_constants(source: str, values: dict[str, str]) -> str:
         nodes = targets.get(name, [])
         if len(nodes) != 1:
             raise ValueError(f"train.py assigns {name} {len(nodes)} times at module level; expected once")
-        value = nodes[0].value
+        value = nodes[0]
         if value.lineno != value.end_lineno:
             raise ValueError(f"the value of {name} spans several lines")
         line = lines[value.lineno - 1].encode()  # ast offsets count UTF-8 bytes
         new_line = line[: value.col_offset] + literal.encode() + line[value.end_col_offset :]
         lines[value.lineno - 1] = new_line.decode()
     return "".join(lines)
+
+
+def assigned_name(node: ast.stmt) -> str | None:
+    """The one plain name a module-level assignment binds, else None."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+    elif isinstance(node, ast.AnnAssign):
+        target = node.target
+    else:
+        return None
+    return target.id if isinstance(target, ast.Name) else None
 
 
 def render_train_py(profile: str) -> str:

@@ -44,10 +44,6 @@ class Workspace:
         return self.state_dir / "worktrees"
 
     @property
-    def ledger_path(self) -> Path:
-        return self.state_dir / "ledger.db"
-
-    @property
     def config_path(self) -> Path:
         return self.root / config_mod.CONFIG_NAME
 

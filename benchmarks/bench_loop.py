@@ -2,7 +2,8 @@
 
 The job is an instant train.py (it exits at once, saving nothing), the agent is the
 random agent (no model latency), so what is timed is ar's own work per experiment:
-proposal, validation, worktree, commit, process start, ledger, decision, export.
+proposal, validation, worktree, commit, worker process start, ledger, decision, export.
+Then benchmarks/bench_workers.py: the same with several workers at once.
 Target: <= 1.0 s per experiment; ledger, git and disk stay bounded.
 """
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoresearch_cli import gitops, loop, runs, workspace  # noqa: E402
 from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
+from autoresearch_cli.workers import machine_class  # noqa: E402
 
 INSTANT_TRAIN_PY = '''"""An instant train.py: it exits at once (benchmarks of ar's own overhead)."""
 # ---
@@ -59,7 +61,8 @@ def main(iterations: int = 100) -> None:
             # a baseline row so the loop does not run one first
             exp_id = current.ledger.start_experiment("baseline", tip, "baseline", None, status="running")
             current.ledger.update(exp_id, sha=tip)
-            current.ledger.finish(exp_id, "ok", "keep", {"val_bpb": 5.0, "status": "ok"}, sha=tip)
+            current.ledger.finish(exp_id, "ok", "keep", {"val_bpb": 5.0, "status": "ok"}, sha=tip,
+                                  slot_class=machine_class("cpu"))
             for _ in range(iterations):
                 start = time.perf_counter()
                 loop.iterate(current, agent, "random", 1)
@@ -86,3 +89,7 @@ def main(iterations: int = 100) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    from benchmarks import bench_workers  # several experiments at once (make bench runs this file)
+
+    print("--- several workers ---")
+    bench_workers.main()

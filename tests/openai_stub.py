@@ -153,6 +153,7 @@ class Streamed:
     then: str = "end"
     first_delay_s: float = 0.0  # before the response headers: the prompt being read
     sent: list[str] = field(default_factory=list)  # what went out, filled in by the server
+    sent_at: list[float] = field(default_factory=list)  # time.monotonic() of each
 
 
 class StubServer:
@@ -169,8 +170,12 @@ class StubServer:
                                         daemon=True)
 
     @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def queue(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         """Script the next response: a dict body is sent as JSON, a str as it is."""
@@ -208,7 +213,7 @@ class StubServer:
                 except json.JSONDecodeError:
                     payload = None
                 request = {"path": self.path, "headers": Headers(self.headers.items()),
-                           "json": payload}
+                           "json": payload, "at": time.monotonic()}
                 status, body, headers = stub._next(request)
                 if isinstance(body, Streamed):
                     self._stream(body)
@@ -218,7 +223,9 @@ class StubServer:
                     self._send(status, body, headers)
 
             def _stream(self, script: Streamed) -> None:
-                time.sleep(script.first_delay_s)
+                if script.first_delay_s and self._hung_up(script.first_delay_s):
+                    stub.disconnects.append(time.monotonic())
+                    return
                 self.protocol_version = "HTTP/1.1"  # chunked, so a dropped stream is visible
                 self.close_connection = True
                 self.send_response(200)
@@ -235,6 +242,7 @@ class StubServer:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                         self.wfile.flush()
                         script.sent.append(event)
+                        script.sent_at.append(time.monotonic())
                     if script.then == "stall":
                         while not self._hung_up(0.05):
                             pass

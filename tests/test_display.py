@@ -23,3 +23,45 @@ def test_plain_lines_and_counts(capsys):
     status = display.status_line()
     assert "best val_bpb 1.900000 (-0.100000 vs baseline 2.000000)" in status
     assert "keep 1  discard 1  crash 1  invalid 0" in status and "cost $0.2500" in status
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_plain_output_shows_the_model_answering_every_few_seconds(capsys, monkeypatch):
+    from autoresearch_cli import display as display_mod
+
+    clock = FakeClock()
+    monkeypatch.setattr(display_mod, "time", clock)
+    with Display(live=False) as display:
+        display("start", exp_id=2, index=0, total=3, description="(proposing)", sha="a" * 40)
+        display("answering", tokens=0, seconds=5.0)  # reading the prompt
+        clock.now += 1
+        display("answering", tokens=1, seconds=6.0)  # the first token is shown at once
+        for _ in range(10):  # then at most a line every 5 s
+            clock.now += 1
+            display("answering", tokens=int(clock.now - 100) * 10, seconds=clock.now - 94)
+        display("start", exp_id=3, index=1, total=3, description="(proposing)", sha="a" * 40)
+        display("answering", tokens=1, seconds=0.4)  # a new proposal starts over
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "  waiting for the model: 5 s, no token yet",
+        "  model answering: 1 token, 6 s",
+        "  model answering: 60 tokens, 12 s",
+        "  model answering: 110 tokens, 17 s",
+        "  model answering: 1 token, 0 s",
+    ]
+
+
+def test_live_panel_shows_the_model_answering():
+    with Display(live=True) as display:
+        display("start", exp_id=2, index=0, total=3, description="(proposing)", sha="a" * 40)
+        display("answering", tokens=312, seconds=14.2)
+        assert display.answer == "model answering: 312 tokens, 14 s"
+        display("proposed", exp_id=2, description="MATRIX_LR 0.04 -> 0.05")
+        assert display.answer == ""

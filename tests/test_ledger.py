@@ -18,6 +18,9 @@ from autoresearch_cli.ledger import (
     now,
     process_alive,
 )
+from autoresearch_cli.ledger import (
+    kept as kept_row,
+)
 from autoresearch_cli.lock import ExperimentLock
 
 SHA_A = "a" * 40
@@ -28,7 +31,7 @@ SHA_D = "d" * 40
 
 @pytest.fixture
 def ledger(tmp_path):
-    with Ledger.open(tmp_path / ".ar" / "ledger.db") as opened:
+    with Ledger(tmp_path / ".ar" / "ledger.db") as opened:
         yield opened
 
 
@@ -43,10 +46,10 @@ def add(ledger, kind="experiment", parent=SHA_A, sha=SHA_B, status="ok", decisio
 
 def test_migrations_apply_on_a_fresh_database_and_reopen_is_idempotent(tmp_path):
     path = tmp_path / "deep" / "ledger.db"
-    with Ledger.open(path) as first:
+    with Ledger(path) as first:
         assert first.schema_version == len(MIGRATIONS)
         experiment_id = first.start_experiment("baseline", None, "baseline", "none")
-    with Ledger.open(path) as again:
+    with Ledger(path) as again:
         assert again.schema_version == len(MIGRATIONS)
         assert [row["id"] for row in again.experiments()] == [experiment_id]
     db = sqlite3.connect(path)
@@ -62,11 +65,11 @@ def test_a_newer_schema_or_a_foreign_file_is_refused(tmp_path):
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     db.close()
     with pytest.raises(WorkspaceError, match="newer"):
-        Ledger.open(newer)
+        Ledger(newer)
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(WorkspaceError, match="not a database"):
-        Ledger.open(garbage)
+        Ledger(garbage)
 
 
 def test_env_var_relocates_the_ledger(tmp_path, monkeypatch):
@@ -121,7 +124,7 @@ def test_experiments_are_newest_last_and_limited(ledger):
 KILLED_WRITER = """
     import os, sys
     from autoresearch_cli.ledger import Ledger
-    ledger = Ledger.open(sys.argv[1])
+    ledger = Ledger(sys.argv[1])
     experiment_id = ledger.start_experiment("experiment", "a" * 40, "doomed", "random")
     ledger.update(experiment_id, status="running", sha="b" * 40)
     print(experiment_id, flush=True)
@@ -135,7 +138,7 @@ def test_a_sigkilled_run_is_found_and_marked_interrupted(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     experiment_id = int(killed.stdout)
-    with Ledger.open(path) as ledger:
+    with Ledger(path) as ledger:
         mine = ledger.start_experiment("experiment", SHA_A, "alive", "random", status="running")
         interrupted = ledger.mark_interrupted()
         assert [row["id"] for row in interrupted] == [experiment_id]
@@ -198,7 +201,8 @@ def test_best_follows_keeps_and_reverts(ledger):
     kept = add(ledger, sha=SHA_B, decision="keep", val_bpb=0.9)
     add(ledger, parent=SHA_B, sha=SHA_C, decision="discard", val_bpb=0.95)
     assert ledger.best()["id"] == kept
-    assert [row["id"] for row in ledger.kept_chain()] == [baseline, kept]
+    assert [row["id"] for row in ledger.experiments() if kept_row(row)] == [baseline, kept]
+    assert ledger.bpb_of(SHA_B) == 0.9 and ledger.bpb_of(SHA_C) == 0.95
     ledger.add_event("revert", SHA_A, "ar revert")
     assert ledger.best()["id"] == baseline
     after = add(ledger, parent=SHA_A, sha=SHA_D, decision="keep", val_bpb=0.97)
@@ -286,18 +290,18 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_a_killed_one(tmp_path):
 
 def test_concurrent_writers_wait_instead_of_failing(tmp_path):
     path = tmp_path / "ledger.db"
-    Ledger.open(path).close()
+    Ledger(path).close()
     writer = """
         import sys
         from autoresearch_cli.ledger import Ledger
-        ledger = Ledger.open(sys.argv[1])
+        ledger = Ledger(sys.argv[1])
         for n in range(20):
             ledger.record_llm_call(None, {"model": "m", "cost_usd": 0.01})
     """
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(writer), str(path)])
              for _ in range(3)]
     assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0]
-    with Ledger.open(path) as ledger:
+    with Ledger(path) as ledger:
         assert ledger.total_cost().calls == 60
 
 
@@ -306,7 +310,7 @@ def test_a_ledger_locked_too_long_is_a_workspace_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_S", 0.2)
     path = tmp_path / "ledger.db"
-    with Ledger.open(path) as ledger:
+    with Ledger(path) as ledger:
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(WorkspaceError, match="database is locked"):
@@ -315,3 +319,18 @@ def test_a_ledger_locked_too_long_is_a_workspace_error(tmp_path, monkeypatch):
         other.close()
         ledger.add_event("note", None, "after")
         assert [event["detail"] for event in ledger.events()] == ["after"]
+
+
+def test_scores_and_noise_by_slot_class(ledger):
+    """A commit's score, and the baseline noise, counted on one slot class: like with like."""
+    for value, slot_class in ((2.0, "cpu:2"), (2.2, "cpu:2"), (2.6, "cpu:1"), (1.8, None)):
+        exp_id = add(ledger, kind="baseline", parent=SHA_A, sha=SHA_A, decision=None,
+                     val_bpb=value)
+        ledger.update(exp_id, slot_class=slot_class)
+    assert ledger.bpb_of(SHA_A, "cpu:2") == pytest.approx(2.1)
+    assert ledger.bpb_of(SHA_A, "cpu:1") == 2.6
+    assert ledger.bpb_of(SHA_A, "cuda:H100") is None
+    assert ledger.bpb_of(SHA_A) == pytest.approx(2.15)
+    mean, std, runs = ledger.baseline_stats("cpu:1")  # its own runs and those of no class
+    assert runs == 2 and mean == pytest.approx(2.2)
+    assert ledger.baseline_stats()[2] == 4

@@ -59,7 +59,7 @@ def agent_for(stub, records, monkeypatch):
     def build(model: str = "openai/stub-model", **options) -> LLMAgent:
         options.setdefault("api_key_env", KEY_ENV)
         options.setdefault("base_delay_s", 0.001)
-        options.setdefault("timeout_s", 20)
+        options.setdefault("call_timeout_s", 20)
         return LLMAgent(model, api_base=stub.url, record_call=records.append, **options)
 
     return build
@@ -225,7 +225,7 @@ def test_connection_refused_is_retried_then_given_up(records, monkeypatch):
         port = sock.getsockname()[1]
     agent = LLMAgent("openai/stub-model", api_base=f"http://127.0.0.1:{port}/v1",
                      api_key_env=KEY_ENV, record_call=records.append, max_attempts=2,
-                     base_delay_s=0.001, timeout_s=5)
+                     base_delay_s=0.001, call_timeout_s=5)
     with pytest.raises(AgentError, match="gave up after 2 attempts"):
         agent.propose(TRAIN_PY, PROGRAM_MD, [])
     assert len(records) == 2

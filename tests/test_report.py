@@ -22,7 +22,7 @@ def add(ledger, parent, sha, val_bpb, decision="discard", kind="experiment", sta
 
 @pytest.fixture
 def ledger(tmp_path):
-    with Ledger.open(tmp_path / "ledger.db") as opened:
+    with Ledger(tmp_path / "ledger.db") as opened:
         add(opened, None, "a", 1.00, decision=None, kind="baseline", description="baseline")
         add(opened, "a", "b", 0.98, decision="keep", description="raise LR")
         add(opened, "b", "c", 0.99, description="GeLU")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from e2e import ar, git
 
-from autoresearch_cli import gitops, loop
+from autoresearch_cli import gitops
 from autoresearch_cli.ledger import Ledger
 
 
@@ -45,9 +45,7 @@ def test_revert_moves_back_to_kept_commits_only(micro_ws):
     with Ledger.for_workspace(root) as ledger:
         assert ledger.best()["sha"] == base  # later experiments compare against it
         assert [e["sha"] for e in ledger.events("revert")] == [base]
-        from autoresearch_cli.runs import Session
-
-        assert loop.reference_bpb(Session(micro_ws, micro_ws.config(), ledger), micro_ws.tip()) == 3.0
+        assert ledger.bpb_of(micro_ws.tip()) == 3.0
     # the kept commit reverted away from is still kept, and can be restored
     assert ar("revert", better[:7], cwd=root).returncode == 0
     assert git(root, "rev-parse", "autoresearch/test") == better

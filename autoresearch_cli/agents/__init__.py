@@ -7,75 +7,33 @@ package stays cheap: litellm is imported only when the llm agent makes its first
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
+from autoresearch_cli.agents.base import (
+    AGENT_NAMES,
+    ENDED_BY,
+    Agent,
+    BudgetExceeded,
+    CallRecord,
+    EditFormat,
+    HistoryItem,
+    OnStream,
+    Parent,
+    Proposal,
+    ProposalError,
+    RecordCall,
+    choose_parent,
+)
 from autoresearch_cli.errors import AgentError
-
-EditFormat = Literal["search_replace", "whole_file", "mutation"]
-AGENT_NAMES = ("random", "llm")
-
-
-class ProposalError(AgentError):
-    """The reply could not be turned into a valid train.py; the experiment is invalid."""
-
-    def __init__(self, reason: str, raw_reply: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.raw_reply = raw_reply
-
-
-class BudgetExceeded(AgentError):
-    """The next model call could take spending past the cost limit."""
-
-
-@dataclass
-class Proposal:
-    description: str  # one line
-    train_py: str  # the full new text
-    edit_format: EditFormat
-    raw_reply: str | None = None
-
-
-@dataclass
-class HistoryItem:
-    experiment_id: int | str
-    description: str
-    val_bpb: float | None
-    status: str  # keep, discard, crash, invalid, timeout, ...
-    delta: float | None  # val_bpb minus the best before it; negative is better
-
-
-@dataclass
-class CallRecord:
-    """One HTTP call to a model, successful or not. Field names match the ledger's."""
-
-    model: str
-    prompt: str  # the messages, as JSON
-    reply: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cost_usd: float | None
-    cost_note: str | None
-    latency_s: float
-    error: str | None
-    attempt: int  # 1-based count of calls within one propose()
-
-
-RecordCall = Callable[[CallRecord], None]
-
-
-class Agent(Protocol):
-    def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
-                failure: str | None = None) -> Proposal: ...
 
 
 def make_agent(agent_config: dict[str, Any], *, seed: int | None, model: str | None,
-               max_cost_usd: float | None, record_call: RecordCall | None = None) -> Agent:
+               max_cost_usd: float | None, record_call: RecordCall | None = None,
+               on_stream: OnStream | None = None) -> Agent:
     """The agent that ar.toml's [agent] table asks for.
 
-    `model` (e.g. from the command line) overrides [agent] model and selects the llm agent.
+    `model` (e.g. from the command line) overrides [agent] model and selects the llm agent;
+    `on_stream` hears how a streamed reply is coming along.
     """
     name = agent_config.get("name") or "random"
     if model:
@@ -98,12 +56,28 @@ def make_agent(agent_config: dict[str, Any], *, seed: int | None, model: str | N
             temperature=agent_config.get("temperature"),
             max_cost_usd=max_cost_usd,
             record_call=record_call,
+            on_stream=on_stream,
+            **_limits(agent_config),
         )
     raise AgentError(f"unknown agent {name!r} in [agent] name; choose one of "
                      f"{', '.join(AGENT_NAMES)}")
 
 
+def _limits(agent_config: dict[str, Any]) -> dict[str, Any]:
+    """The llm agent's limits from [agent]: a missing key or 0 keeps the agent's default."""
+    limits = {}
+    for key in ("max_output_tokens", "call_timeout_s", "proposal_timeout_s"):
+        value = agent_config.get(key)
+        if value is None or value == 0:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise AgentError(f"[agent] {key} must be a positive number, got {value!r}")
+        limits[key] = int(value) if key == "max_output_tokens" else float(value)
+    return limits
+
+
 __all__ = [
-    "AGENT_NAMES", "Agent", "BudgetExceeded", "CallRecord", "HistoryItem", "Proposal",
-    "ProposalError", "RecordCall", "make_agent",
+    "AGENT_NAMES", "ENDED_BY", "Agent", "BudgetExceeded", "CallRecord", "EditFormat",
+    "HistoryItem", "OnStream", "Parent", "Proposal", "ProposalError", "RecordCall",
+    "choose_parent", "make_agent",
 ]

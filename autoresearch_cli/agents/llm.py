@@ -4,24 +4,28 @@ litellm is imported on the first call, not with this module: it takes seconds to
 Its own retries are off; this module retries rate limits, timeouts, dropped connections
 and server errors with exponential backoff, and gives up at once on bad credentials or
 an unknown model. Every HTTP call, successful or not, is handed to `record_call`.
+
+Every call is bounded: an output-token limit, a time limit per call and one per proposal
+(retries and follow-ups included). Calls stream (see streaming.py), so a limit or Ctrl-C
+closes the connection and the server stops generating; the partial reply is recorded.
+The static part of the prompt comes first and is marked cacheable for Claude models.
 """
 
 from __future__ import annotations
 
 import ast
-import email.utils
 import json
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
-from autoresearch_cli.agents import (
+from autoresearch_cli.agents.base import (
     BudgetExceeded,
     CallRecord,
     HistoryItem,
+    OnStream,
     Proposal,
     ProposalError,
     RecordCall,
@@ -33,17 +37,34 @@ from autoresearch_cli.agents.edits import (
     describe_change,
     parse_reply,
 )
-from autoresearch_cli.agents.prompt import build_messages
+from autoresearch_cli.agents.failures import classify, error_text, retry_after_s
+from autoresearch_cli.agents.prompt import build_messages, mark_cacheable, message_text
+from autoresearch_cli.agents.streaming import StreamedReply, stream_reply
 from autoresearch_cli.errors import AgentError
 
 MAX_ATTEMPTS = 5  # HTTP tries per message, for transient failures
 EDIT_RETRIES = 2  # follow-up turns when a reply's edits cannot be used
-MAX_OUTPUT_TOKENS = 16384  # room for a whole-file reply
-UNKNOWN_OUTPUT_BUDGET = 8192  # output tokens assumed by the cost estimate without model info
+MAX_OUTPUT_TOKENS = 16384  # the most asked for, even of a model that allows more
+DEFAULT_OUTPUT_TOKENS = 12288  # without model info: a whole-file reply (the template: ~7k tokens)
+CALL_TIMEOUT_S = 300.0  # one streamed call
+PROPOSAL_TIMEOUT_S = 900.0  # all calls of one proposal
 MAX_RETRY_AFTER_S = 300.0
+NO_KEY = "no-key"  # sent to a server at api_base when no key is configured
 CHARS_PER_TOKEN = 3  # an overestimate of the prompt's tokens, for the cost limit
-_REPEATED_TYPE = re.compile(r"^(?:(?:litellm\.)?\w+(?:Error|Exception):\s*)+")  # litellm's prefixes
 UNKNOWN_PRICE = "model unknown to litellm's price list"
+ESTIMATED_PRICE = "estimated: the stream ended before the server reported usage"
+CACHE_CONTROL_PROVIDERS = ("anthropic", "bedrock", "vertex_ai")  # with Claude models
+CUT_OFF = {
+    "length": ("\nYour reply was cut off at the output token limit; SEARCH/REPLACE blocks are "
+               "much shorter than the whole file."),
+    "call_timeout": ("\nYour reply was cut off at the time limit for one reply; SEARCH/REPLACE "
+                     "blocks are much shorter than the whole file."),
+    "repeating": "\nYour reply was stopped because it repeated the same text over and over.",
+}
+REPEATING = "repeating the same chunk"  # litellm's message when a stream loops
+# A call that ended so has no error to record: the model finished, or a limit of ours
+# (its name is in ended_by) or the user ended it.
+ENDED_CLEANLY = ("stop", "length", "call_timeout", "proposal_timeout", "cancelled")
 PROVIDER_KEYS = {
     "anthropic": "ANTHROPIC_API_KEY",
     "openai": "OPENAI_API_KEY",
@@ -73,7 +94,10 @@ class LLMAgent:
                  max_cost_usd: float | None = None, record_call: RecordCall | None = None,
                  max_attempts: int = MAX_ATTEMPTS, edit_retries: int = EDIT_RETRIES,
                  base_delay_s: float = 2.0, max_delay_s: float = 60.0,
-                 timeout_s: float = 600.0, sleep: Callable[[float], None] = time.sleep):
+                 max_output_tokens: int | None = None, call_timeout_s: float = CALL_TIMEOUT_S,
+                 proposal_timeout_s: float = PROPOSAL_TIMEOUT_S,
+                 on_stream: OnStream | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
         self.model = model
         self.api_base = api_base
         self.api_key_env = api_key_env
@@ -84,7 +108,10 @@ class LLMAgent:
         self.edit_retries = max(0, edit_retries)
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
-        self.timeout_s = timeout_s
+        self.max_output_tokens = max_output_tokens
+        self.call_timeout_s = call_timeout_s
+        self.proposal_timeout_s = proposal_timeout_s
+        self.on_stream = on_stream
         self._sleep = sleep
         self._jitter = random.Random()
         self._spent_usd = 0.0
@@ -103,73 +130,109 @@ class LLMAgent:
     # --- proposing -----------------------------------------------------------------------
 
     def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
-                failure: str | None = None) -> Proposal:
+                failure: str | None = None, record_call: RecordCall | None = None) -> Proposal:
+        """`record_call`, when given, hears this proposal's calls instead of the agent's."""
+        litellm = load_litellm()
+        recorder = record_call or self.record_call
         messages = build_messages(program_md, train_py, history, failure)
+        if self._caches_prefix(litellm):
+            messages = mark_cacheable(messages)
+        deadline = time.monotonic() + self.proposal_timeout_s
         self._attempt = 0
         reply = ""
         summary = ""
         for _ in range(self.edit_retries + 1):
-            reply, finish_reason = self._complete(messages)
+            reply, ended_by = self._complete(litellm, messages, deadline, recorder)
             try:
                 return proposal_from_reply(train_py, reply)
             except EditError as exc:
                 problem, summary = str(exc), exc.summary
-            if finish_reason == "length":
-                problem += ("\nYour reply was cut off at the output token limit; "
-                            "SEARCH/REPLACE blocks are much shorter than the whole file.")
+            if ended_by == "proposal_timeout":
+                raise ProposalError(f"{self._out_of_time()} (the last reply: {summary})",
+                                    raw_reply=reply)
             messages = messages + [
                 {"role": "assistant", "content": reply},
-                {"role": "user", "content": retry_message(problem)},
+                {"role": "user", "content": retry_message(problem + CUT_OFF.get(ended_by, ""))},
             ]
         replies = self.edit_retries + 1
         raise ProposalError(f"{summary} (after {replies} replies)", raw_reply=reply)
 
     # --- calling the model ---------------------------------------------------------------
 
-    def _complete(self, messages: list[dict[str, str]]) -> tuple[str, str | None]:
-        """One reply to `messages`, retrying transient failures; (content, finish_reason)."""
-        litellm = load_litellm()
+    def _complete(self, litellm: Any, messages: list[dict[str, Any]],
+                  deadline: float, recorder: RecordCall | None = None) -> tuple[str, str]:
+        """One reply to `messages` before `deadline`, retrying transient failures:
+        (content, ended_by). A reply cut off by a limit counts when it has any content."""
         for try_number in range(1, self.max_attempts + 1):
             self._check_budget(litellm, messages)
+            limit_s, limit_name = self._limit(deadline)
             self._attempt += 1
-            started = time.monotonic()
-            try:
-                response = litellm.completion(**self._request(litellm, messages))
-            except Exception as exc:  # litellm maps every provider failure to its own types
-                self._record(messages, None, None, None, time.monotonic() - started,
-                             error=error_text(exc))
-                kind = classify(litellm, exc)
-                if kind == "retry" and try_number < self.max_attempts:
-                    self._sleep(self._delay(try_number, exc))
-                    continue
-                raise self._agent_error(litellm, kind, exc, try_number) from None
-            latency = time.monotonic() - started
-            choice = response.choices[0]
-            content = choice.message.content or ""
-            cost, cost_note = self._cost(litellm, response)
-            self._record(messages, content, response, (cost, cost_note), latency, error=None)
-            return content, getattr(choice, "finish_reason", None)
+            request = self._request(litellm, messages, limit_s)
+            reply = stream_reply(litellm, request, limit_s, limit_name, self.on_stream)
+            self._record(litellm, messages, reply, recorder)
+            if reply.ended_by == "cancelled":
+                raise KeyboardInterrupt
+            if reply.ended_by in ("stop", "length") or (reply.content and limit_name == reply.ended_by):
+                return reply.content, reply.ended_by
+            if reply.ended_by == "closed" and REPEATING in str(reply.error):
+                return reply.content, "repeating"  # litellm's guard against a looping model
+            if reply.ended_by == "proposal_timeout":
+                raise ProposalError(self._out_of_time(), raw_reply=reply.content or None)
+            kind = "retry" if reply.error is None or reply.streamed else classify(litellm, reply.error)
+            if kind == "retry" and try_number < self.max_attempts:
+                self._sleep(min(self._delay(try_number, reply.error),
+                                max(0.0, deadline - time.monotonic())))
+                continue
+            raise self._agent_error(litellm, kind, self._failure(reply), try_number)
         raise AssertionError("unreachable")
 
-    def _request(self, litellm: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def _limit(self, deadline: float) -> tuple[float, str]:
+        """The next call's time limit and its name: the call's own or what is left of the
+        proposal's, whichever ends first."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ProposalError(self._out_of_time())
+        if self.call_timeout_s < left:
+            return self.call_timeout_s, "call_timeout"
+        return left, "proposal_timeout"
+
+    def _out_of_time(self) -> str:
+        return f"no usable reply within the proposal time limit of {self.proposal_timeout_s:g} s"
+
+    def _failure(self, reply: StreamedReply) -> str:
+        if reply.error is not None:
+            return error_text(reply.error)
+        if reply.ended_by == "call_timeout":
+            return f"no reply within the call time limit of {self.call_timeout_s:g} s"
+        return "the server closed the stream before the reply was complete"
+
+    def _request(self, litellm: Any, messages: list[dict[str, Any]],
+                 timeout_s: float) -> dict[str, Any]:
         request: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
             "num_retries": 0,
             "max_retries": 0,
-            "timeout": self.timeout_s,
+            "timeout": timeout_s,
+            "max_tokens": self._max_output_tokens(litellm),
             "drop_params": True,  # e.g. temperature for models that take none
         }
         if self.api_base:
             request["api_base"] = self.api_base
         if self.api_key_env:
             request["api_key"] = os.environ.get(self.api_key_env, "")
+        elif self.api_base and not os.environ.get(PROVIDER_KEYS.get(self._provider(litellm), "-")):
+            request["api_key"] = NO_KEY  # a local server takes any key; litellm wants one
         if self.temperature is not None:
             request["temperature"] = self.temperature
-        max_tokens = self._max_output_tokens(litellm)
-        if max_tokens:
-            request["max_tokens"] = max_tokens
         return request
+
+    def _caches_prefix(self, litellm: Any) -> bool:
+        """Whether to mark the static prefix cacheable: Claude models take cache_control
+        (OpenAI and most others cache long prefixes on their own)."""
+        return "claude" in self.model.lower() and self._provider(litellm) in CACHE_CONTROL_PROVIDERS
 
     def _delay(self, try_number: int, exc: BaseException) -> float:
         backoff = self.base_delay_s * 2 ** (try_number - 1) * (0.5 + self._jitter.random())
@@ -179,9 +242,7 @@ class LLMAgent:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         return delay
 
-    def _agent_error(self, litellm: Any, kind: str, exc: BaseException,
-                     tries: int) -> AgentError:
-        detail = error_text(exc)
+    def _agent_error(self, litellm: Any, kind: str, detail: str, tries: int) -> AgentError:
         if kind == "auth":
             return AgentError(f"{self.model}: the API key was refused ({detail}); "
                               f"set {self._key_variable(litellm)} to a valid key")
@@ -220,22 +281,26 @@ class LLMAgent:
                 self._model_info = {}
         return self._model_info
 
-    def _max_output_tokens(self, litellm: Any) -> int | None:
+    def _max_output_tokens(self, litellm: Any) -> int:
+        """The output limit of every call: ar.toml's, else litellm's for the model (at most
+        MAX_OUTPUT_TOKENS), else one with room for a whole-file reply."""
+        if self.max_output_tokens:
+            return int(self.max_output_tokens)
         known = self._info(litellm).get("max_output_tokens")
-        return min(int(known), MAX_OUTPUT_TOKENS) if known else None
+        return min(int(known), MAX_OUTPUT_TOKENS) if known else DEFAULT_OUTPUT_TOKENS
 
-    def _estimate(self, litellm: Any, messages: list[dict[str, str]]) -> float:
+    def _estimate(self, litellm: Any, messages: list[dict[str, Any]]) -> float:
         """An upper estimate of the next call's cost: the prompt plus a full reply."""
         info = self._info(litellm)
         input_price = info.get("input_cost_per_token")
         output_price = info.get("output_cost_per_token")
         if input_price is None or output_price is None:
             return self._last_cost or 0.0
-        prompt_tokens = sum(len(message["content"]) for message in messages) // CHARS_PER_TOKEN
-        output_tokens = self._max_output_tokens(litellm) or UNKNOWN_OUTPUT_BUDGET
+        prompt_tokens = sum(len(message_text(message)) for message in messages) // CHARS_PER_TOKEN
+        output_tokens = self._max_output_tokens(litellm)
         return prompt_tokens * input_price + output_tokens * output_price
 
-    def _check_budget(self, litellm: Any, messages: list[dict[str, str]]) -> None:
+    def _check_budget(self, litellm: Any, messages: list[dict[str, Any]]) -> None:
         if self.max_cost_usd is None:
             return
         estimate = self._estimate(litellm, messages)
@@ -244,33 +309,42 @@ class LLMAgent:
                 f"the cost limit of ${self.max_cost_usd:.2f} would be passed: "
                 f"${self._spent_usd:.4f} spent, the next call may cost up to ${estimate:.4f}")
 
-    def _cost(self, litellm: Any, response: Any) -> tuple[float | None, str | None]:
+    def _cost(self, litellm: Any, messages: list[dict[str, Any]],
+              reply: StreamedReply) -> tuple[float | None, str | None]:
+        """The call's cost from the server's usage (cache reads priced as such); estimated
+        from the text when the stream ended before the usage came; None for a model litellm
+        has no price for, or a call that brought nothing back."""
+        if not reply.chunks:
+            return None, None
         try:
+            response = litellm.stream_chunk_builder(reply.chunks, messages=messages)
             cost = float(litellm.completion_cost(completion_response=response, model=self.model))
         except Exception:  # litellm raises for models it has no price for
             return None, UNKNOWN_PRICE
         self._spent_usd += cost
         self._last_cost = cost
-        return cost, None
+        return cost, None if reply.usage is not None else ESTIMATED_PRICE
 
-    def _record(self, messages: list[dict[str, str]], reply: str | None, response: Any,
-                cost: tuple[float | None, str | None] | None, latency_s: float,
-                error: str | None) -> None:
-        if self.record_call is None:
+    def _record(self, litellm: Any, messages: list[dict[str, Any]],
+                reply: StreamedReply, recorder: RecordCall | None = None) -> None:
+        cost_usd, cost_note = self._cost(litellm, messages, reply)
+        if recorder is None:
             return
-        usage = getattr(response, "usage", None)
-        cost_usd, cost_note = cost or (None, None)
-        self.record_call(CallRecord(
+        usage = reply.usage
+        kept = reply.content or reply.ended_by in ("stop", "length")
+        recorder(CallRecord(
             model=self.model,
             prompt=json.dumps(messages),
-            reply=reply,
+            reply=reply.content if kept else None,
             prompt_tokens=getattr(usage, "prompt_tokens", None),
             completion_tokens=getattr(usage, "completion_tokens", None),
             cost_usd=cost_usd,
             cost_note=cost_note,
-            latency_s=round(latency_s, 3),
-            error=error,
+            latency_s=round(reply.seconds, 3),
+            error=None if reply.ended_by in ENDED_CLEANLY else self._failure(reply),
             attempt=self._attempt,
+            ended_by=reply.ended_by,
+            cached_prompt_tokens=cached_tokens(usage),
         ))
 
 
@@ -302,63 +376,18 @@ def proposal_from_reply(train_py: str, reply: str) -> Proposal:
     return Proposal(description, new_train_py, edit_format, reply)
 
 
+def cached_tokens(usage: Any) -> int | None:
+    """Prompt tokens the provider read from its cache: OpenAI's prompt_tokens_details,
+    or Anthropic's cache_read_input_tokens."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    for value in (getattr(details, "cached_tokens", None),
+                  getattr(usage, "cache_read_input_tokens", None)):
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def retry_message(problem: str) -> str:
     return (f"Your reply could not be used: {problem}\n\n"
             "None of its edits were applied. Reply again with the Description line and all "
             "of your edits, made against train.py as shown above.")
-
-
-def classify(litellm: Any, exc: BaseException) -> str:
-    """retry | auth | unknown_model | not_found | fatal."""
-    status = getattr(exc, "status_code", None)
-    transient = (litellm.Timeout, litellm.APIConnectionError, litellm.RateLimitError,
-                 litellm.InternalServerError, litellm.ServiceUnavailableError,
-                 litellm.BadGatewayError)
-    if status in (401, 403) or isinstance(exc, (litellm.AuthenticationError,
-                                                litellm.PermissionDeniedError)):
-        return "auth"
-    if "LLM Provider NOT provided" in str(exc):
-        return "unknown_model"
-    if status == 404 or isinstance(exc, litellm.NotFoundError):
-        return "not_found"
-    if isinstance(exc, transient) or status in (408, 409, 429) or (status or 0) >= 500:
-        return "retry"
-    return "fatal"
-
-
-def error_text(exc: BaseException) -> str:
-    """One line naming the failure: its type, HTTP status and first line of message."""
-    status = getattr(exc, "status_code", None)
-    lines = str(exc).strip().splitlines()
-    message = _REPEATED_TYPE.sub("", lines[0]) if lines else ""
-    kind = type(exc).__name__ + (f" {status}" if status else "")
-    return f"{kind}: {message}"[:500]
-
-
-def retry_after_s(exc: BaseException) -> float | None:
-    """Seconds the server asked us to wait (Retry-After or retry-after-ms), if it did."""
-    for source in (getattr(exc, "litellm_response_headers", None),
-                   getattr(getattr(exc, "response", None), "headers", None)):
-        if not source:
-            continue
-        try:
-            headers = {str(key).lower(): str(value) for key, value in dict(source).items()}
-        except (TypeError, ValueError):
-            continue
-        if "retry-after-ms" in headers:
-            try:
-                return float(headers["retry-after-ms"]) / 1000
-            except ValueError:
-                pass
-        value = headers.get("retry-after")
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            pass
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            continue
-    return None

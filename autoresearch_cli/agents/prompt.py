@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from autoresearch_cli.agents import HistoryItem
+from typing import Any
+
+from autoresearch_cli.agents.base import HistoryItem
 
 REPLY_FORMAT = """\
 # How to reply
@@ -44,7 +46,10 @@ KEEP_BEST = 5
 
 def build_messages(program_md: str, train_py: str, history: list[HistoryItem],
                    failure: str | None, max_history_chars: int = 6000) -> list[dict[str, str]]:
-    """The chat messages for one proposal: system = instructions, user = the state."""
+    """The chat messages for one proposal: system = instructions, user = the state.
+
+    The order matters for prompt caching: the system message is the same for every
+    proposal (until the human edits program.md), so it comes first and whole."""
     system = program_md.rstrip() + "\n\n" + REPLY_FORMAT
     parts = [f"The current train.py:\n\n```python\n{train_py.rstrip()}\n```"]
     parts.append(history_section(history, max_history_chars))
@@ -53,6 +58,27 @@ def build_messages(program_md: str, train_py: str, history: list[HistoryItem],
     else:
         parts.append("Propose the next experiment.")
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def mark_cacheable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with the system message (program.md and the reply rules: the part that
+    is the same for every proposal) as a text block marked for the provider's prompt cache,
+    in the content-block form Anthropic takes and litellm passes on."""
+    marked = []
+    for message in messages:
+        if message["role"] == "system" and isinstance(message["content"], str):
+            message = {**message, "content": [{"type": "text", "text": message["content"],
+                                               "cache_control": {"type": "ephemeral"}}]}
+        marked.append(message)
+    return marked
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text, whether its content is a string or a list of text blocks."""
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content if isinstance(block, dict))
 
 
 def failure_section(failure: str) -> str:

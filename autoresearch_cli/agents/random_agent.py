@@ -11,11 +11,13 @@ import hashlib
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from autoresearch_cli.agents import HistoryItem, Proposal
+from autoresearch_cli.agents.base import HistoryItem, Proposal, RecordCall
 from autoresearch_cli.errors import AgentError
+from autoresearch_cli.template import assigned_name, set_constants
 
 FACTORS = (0.5, 0.7, 0.8, 1.25, 1.4, 2.0)
 WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL", "SSLL")
@@ -34,9 +36,6 @@ class Constant:
     name: str
     value: Any  # int | float | str | tuple of numbers
     source: str  # the value as written
-    line: int  # 0-based
-    start: int  # byte offsets of the value within its line
-    end: int
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class RandomAgent:
         self._unseeded = random.Random()
 
     def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
-                failure: str | None = None) -> Proposal:
+                failure: str | None = None, record_call: RecordCall | None = None) -> Proposal:
         constants = find_constants(train_py)
         if not any(_mutations(constant, constants) for constant in constants.values()):
             raise AgentError("train.py has no UPPER_CASE hyperparameters the random agent "
@@ -83,16 +82,19 @@ class RandomAgent:
 
 
 def find_constants(train_py: str) -> dict[str, Constant]:
-    """Module-level one-line assignments of UPPER_CASE names to numbers, strings or tuples."""
+    """Module-level one-line assignments of UPPER_CASE names to numbers, strings or tuples,
+    each assigned once (the only ones template.set_constants can rewrite)."""
     try:
         tree = ast.parse(train_py)
     except SyntaxError as exc:
         raise AgentError(f"train.py does not parse (line {exc.lineno}: {exc.msg})") from None
     lines = train_py.splitlines(keepends=True)
+    assigned = Counter(assigned_name(node) for node in tree.body)
     constants: dict[str, Constant] = {}
     for node in tree.body:
         target = _single_target(node)
-        if target is None or node.value is None or node.lineno != node.end_lineno:
+        if (target is None or node.value is None or node.lineno != node.end_lineno
+                or assigned[target] != 1):
             continue
         try:
             value = literal_value(node.value)
@@ -101,20 +103,13 @@ def find_constants(train_py: str) -> dict[str, Constant]:
         raw = lines[node.lineno - 1].encode()
         start, end = node.value.col_offset, node.value.end_col_offset
         source = raw[start:end].decode()
-        constants[target] = Constant(target, value, source, node.lineno - 1, start, end)
+        constants[target] = Constant(target, value, source)
     return constants
 
 
 def _single_target(node: ast.stmt) -> str | None:
-    if isinstance(node, ast.Assign) and len(node.targets) == 1:
-        target = node.targets[0]
-    elif isinstance(node, ast.AnnAssign):
-        target = node.target
-    else:
-        return None
-    if isinstance(target, ast.Name) and _UPPER.match(target.id):
-        return target.id
-    return None
+    name = assigned_name(node)
+    return name if name is not None and _UPPER.match(name) else None
 
 
 def literal_value(node: ast.expr) -> Any:
@@ -301,10 +296,4 @@ def describe(constants: dict[str, Constant], changes: list[Change]) -> str:
 
 def apply_changes(train_py: str, constants: dict[str, Constant], changes: list[Change]) -> str:
     """train.py with each changed value rewritten in place; comments stay as they were."""
-    lines = train_py.splitlines(keepends=True)
-    for change in changes:
-        constant = constants[change.name]
-        raw = lines[constant.line].encode()
-        raw = raw[:constant.start] + change.source.encode() + raw[constant.end:]
-        lines[constant.line] = raw.decode()
-    return "".join(lines)
+    return set_constants(train_py, {change.name: change.source for change in changes})

@@ -1,0 +1,105 @@
+"""The types agents and the loop share: proposals, history, parents, LLM call records.
+
+This module imports nothing of the agents package, so every agent module can import it
+without going through the package (no import circle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from autoresearch_cli.errors import AgentError
+
+EditFormat = Literal["search_replace", "whole_file", "mutation", "combination"]
+AGENT_NAMES = ("random", "llm")
+
+
+class ProposalError(AgentError):
+    """The reply could not be turned into a valid train.py; the experiment is invalid."""
+
+    def __init__(self, reason: str, raw_reply: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.raw_reply = raw_reply
+
+
+class BudgetExceeded(AgentError):
+    """The next model call could take spending past the cost limit."""
+
+
+@dataclass
+class Proposal:
+    description: str  # one line
+    train_py: str  # the full new text
+    edit_format: EditFormat
+    raw_reply: str | None = None
+
+
+@dataclass
+class HistoryItem:
+    experiment_id: int | str
+    description: str
+    val_bpb: float | None
+    status: str  # keep, discard, crash, invalid, timeout, ...
+    delta: float | None  # val_bpb minus the best before it; negative is better
+
+
+@dataclass
+class CallRecord:
+    """One HTTP call to a model, successful or not. Field names match the ledger's."""
+
+    model: str
+    prompt: str  # the messages, as JSON
+    reply: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+    cost_note: str | None
+    latency_s: float
+    error: str | None
+    attempt: int  # 1-based count of calls within one propose()
+    ended_by: str | None = None  # one of ENDED_BY: what ended the call
+    cached_prompt_tokens: int | None = None  # prompt tokens the provider read from its cache
+
+
+# What ended a model call: the model (stop, length: the output limit), a limit of ours
+# (call_timeout, proposal_timeout), the user (cancelled, Ctrl-C), the server or the
+# network (error: before the reply began; closed: the stream broke off or ended without
+# a finish reason).
+ENDED_BY = ("stop", "length", "call_timeout", "proposal_timeout", "cancelled", "error",
+            "closed")
+
+RecordCall = Callable[[CallRecord], None]
+OnStream = Callable[[int, float], None]  # (tokens received so far, seconds since the call began)
+
+
+@dataclass(frozen=True)
+class Parent:
+    """An evaluated commit an experiment may build on."""
+
+    sha: str
+    val_bpb: float | None  # None: it has no ok evaluation (a crashed baseline)
+    experiment_id: int | None
+    description: str
+
+
+class Agent(Protocol):
+    def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
+                failure: str | None = None, record_call: RecordCall | None = None
+                ) -> Proposal:
+        """A new train.py for `train_py`; each model call made for it goes to `record_call`."""
+        ...
+
+
+def choose_parent(agent: object, parents: list[Parent]) -> Parent:
+    """The commit the agent's next experiment builds on: the agent's `choose_parent` when
+    it has one, else the first of `parents` (the loop lists the branch tip, the best, first).
+    An agent may build on any evaluated commit; an answer not in `parents` is ignored."""
+    chooser = getattr(agent, "choose_parent", None)
+    if chooser is not None:
+        chosen = chooser(parents)
+        if chosen in parents:
+            return chosen
+    return parents[0]
