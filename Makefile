@@ -43,7 +43,10 @@ bench-gpu: install
 
 # Regenerate the lock from pyproject.toml, keeping current pins where they still fit.
 # LOCK_FLAGS=--upgrade moves every package to its newest allowed version.
-lock: install
+# It needs only pip-tools, not ar's install (a new dependency must be lockable first).
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet "pip==$(PIP_VERSION)" "pip-tools==$(shell sed -n 's/^pip-tools==//p' $(LOCK))"
 	$(VENV)/bin/pip-compile --quiet --strip-extras --extra dev --unsafe-package torch \
 		--no-emit-index-url --no-emit-find-links -c lock-constraints.txt $(LOCK_FLAGS) \
 		--output-file $(LOCK) pyproject.toml

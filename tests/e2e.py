@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -64,3 +65,12 @@ def wait_gone(pid: int, timeout: float = 15) -> bool:
 
 def result_json(ws_root: Path, exp_id: int) -> dict:
     return json.loads((ws_root / ".ar" / "runs" / str(exp_id) / "result.json").read_text())
+
+
+def search_replace_reply(train_py: str) -> str:
+    """A model's reply that raises MATRIX_LR by 25% with one SEARCH/REPLACE block."""
+    line = next(ln for ln in train_py.splitlines() if ln.startswith("MATRIX_LR = "))
+    value = re.match(r"MATRIX_LR = ([0-9.]+)", line).group(1)
+    new_line = line.replace(value, repr(float(value) * 1.25), 1)
+    return (f"Description: raise MATRIX_LR by 25%\n\n<<<<<<< SEARCH\n{line}\n=======\n"
+            f"{new_line}\n>>>>>>> REPLACE\n")

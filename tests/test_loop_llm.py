@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 
 import pytest
-from e2e import ar, git, rows
+from e2e import ar, git, rows, search_replace_reply
 from openai_stub import StubServer, error_body
 
 from autoresearch_cli import config as config_mod
@@ -26,14 +25,6 @@ def point_workspace_at(ws, stub):
                              api_key_env="AR_TEST_KEY")
     config_mod.write(ws.config_path, settings)
     gitops.commit_all(ws.root, "use the stub model")
-
-
-def search_replace_reply(train_py: str) -> str:
-    line = next(ln for ln in train_py.splitlines() if ln.startswith("MATRIX_LR = "))
-    value = re.match(r"MATRIX_LR = ([0-9.]+)", line).group(1)
-    new_line = line.replace(value, repr(float(value) * 1.25), 1)
-    return (f"Description: raise MATRIX_LR by 25%\n\n<<<<<<< SEARCH\n{line}\n=======\n"
-            f"{new_line}\n>>>>>>> REPLACE\n")
 
 
 def test_llm_agent_through_the_loop(micro_ws, stub, monkeypatch):

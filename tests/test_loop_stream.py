@@ -8,7 +8,7 @@ import re
 import sqlite3
 
 import pytest
-from e2e import ar, rows
+from e2e import ar, rows, search_replace_reply
 from openai_stub import Streamed, StubServer, endless_tokens
 
 from autoresearch_cli import config as config_mod
@@ -23,14 +23,6 @@ SLACK_S = 5  # the issue's target: invalid within the proposal time plus 5 s
 def stub():
     with StubServer() as server:
         yield server
-
-
-def search_replace_reply(train_py: str) -> str:
-    line = next(ln for ln in train_py.splitlines() if ln.startswith("MATRIX_LR = "))
-    value = re.match(r"MATRIX_LR = ([0-9.]+)", line).group(1)
-    new_line = line.replace(value, repr(float(value) * 1.25), 1)
-    return (f"Description: raise MATRIX_LR by 25%\n\n<<<<<<< SEARCH\n{line}\n=======\n"
-            f"{new_line}\n>>>>>>> REPLACE\n")
 
 
 def test_an_endless_model_makes_one_invalid_experiment_and_the_loop_goes_on(micro_ws, stub):
