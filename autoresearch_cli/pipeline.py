@@ -31,12 +31,12 @@ from autoresearch_cli.agents.base import (
 )
 from autoresearch_cli.ledger import IN_FLIGHT, failed, mean_bpb_by_sha
 from autoresearch_cli.runs import (
-    LEDGER_TAMPERED,
     RefGuard,
     Session,
+    add_worktree,
     discard_weights,
     invalidate,
-    protected_changes,
+    job_tampering,
 )
 
 KEEP, DISCARD = "keep", "discard"
@@ -221,9 +221,7 @@ def commit(current: Session, guard: RefGuard, exp_id: int, task: Task, proposal:
            slot_class: str) -> Candidate | Rejected:
     """The proposal as a commit on its parent, in a worktree of its own, ready to run."""
     ws = current.ws
-    worktree = ws.worktrees_dir / str(exp_id)
-    ws.worktrees_dir.mkdir(parents=True, exist_ok=True)
-    gitops.worktree_add(ws.root, worktree, task.parent.sha)
+    worktree = add_worktree(current, exp_id, task.parent.sha)
     (worktree / "train.py").write_text(proposal.train_py)
     sha = gitops.commit_file(worktree, "train.py", proposal.description or f"experiment {exp_id}")
     changed = gitops.changed_files(ws.root, task.parent.sha, sha)
@@ -239,9 +237,7 @@ def commit(current: Session, guard: RefGuard, exp_id: int, task: Task, proposal:
 def checkout_parent(current: Session, exp_id: int, task: Task, slot_class: str) -> Candidate:
     """A measurement: the parent itself, checked out to run on `slot_class`."""
     ws = current.ws
-    worktree = ws.worktrees_dir / str(exp_id)
-    ws.worktrees_dir.mkdir(parents=True, exist_ok=True)
-    gitops.worktree_add(ws.root, worktree, task.parent.sha)
+    worktree = add_worktree(current, exp_id, task.parent.sha)
     description = f"baseline on {slot_class}"
     current.ledger.update(exp_id, sha=task.parent.sha, status="running", slot_class=slot_class,
                           description=description)
@@ -253,10 +249,8 @@ def check(current: Session, candidate: Candidate, raw: dict[str, Any],
           tampered: list[str]) -> Result:
     """result.json, made invalid when the job changed a protected file, a git ref (found
     by the scheduler, `tampered`) or the ledger."""
-    tampered = list(tampered) + protected_changes(current.ws, candidate.worktree, candidate.sha)
-    if current.ledger.data_version() != candidate.ledger_version:
-        tampered.append(LEDGER_TAMPERED)
-    details = invalidate(dict(raw), tampered)
+    details = invalidate(dict(raw), job_tampering(current, candidate.worktree, candidate.sha,
+                                                  candidate.ledger_version, tampered))
     return Result(details["status"], details.get("val_bpb"), details)
 
 

@@ -132,14 +132,21 @@ def evaluate_commit(
         ).as_dict()
     except SandboxError as exc:
         raise ArError(f"the sandbox failed: {exc}") from None
-    tampered = protected_changes(current.ws, worktree, sha)
-    tampered += restore_refs(current.ws.root, refs_before)
-    if current.ledger.data_version() != ledger_before:
-        tampered.append(LEDGER_TAMPERED)
-    return invalidate(result, tampered)
+    moved = restore_refs(current.ws.root, refs_before)
+    return invalidate(result, job_tampering(current, worktree, sha, ledger_before, moved))
 
 
 LEDGER_TAMPERED = "the ledger (.ar/ledger.db)"
+
+
+def job_tampering(current: Session, worktree: Path, sha: str, ledger_version: int,
+                  moved_refs: list[str]) -> list[str]:
+    """What a job changed that it must not: protected files on disk, git refs (found and
+    put back by the caller: `moved_refs`), the ledger (written by another connection)."""
+    tampered = list(moved_refs) + protected_changes(current.ws, worktree, sha)
+    if current.ledger.data_version() != ledger_version:
+        tampered.append(LEDGER_TAMPERED)
+    return tampered
 
 
 def invalidate(result: dict[str, Any], tampered: list[str]) -> dict[str, Any]:
@@ -188,11 +195,17 @@ def discard_weights(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "out", ignore_errors=True)
 
 
-@contextmanager
-def worktree_for(current: Session, exp_id: int, sha: str) -> Iterator[Path]:
+def add_worktree(current: Session, exp_id: int, sha: str) -> Path:
+    """A detached worktree of `sha` for experiment `exp_id` (.ar/worktrees/<id>)."""
     path = current.ws.worktrees_dir / str(exp_id)
     current.ws.worktrees_dir.mkdir(parents=True, exist_ok=True)
     gitops.worktree_add(current.ws.root, path, sha)
+    return path
+
+
+@contextmanager
+def worktree_for(current: Session, exp_id: int, sha: str) -> Iterator[Path]:
+    path = add_worktree(current, exp_id, sha)
     try:
         yield path
     finally:

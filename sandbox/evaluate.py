@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from sandbox import cudaipc, protocol
+from sandbox import confine, cudaipc, protocol
 from sandbox.files import write_json_atomic
 
 # ---------------------------------------------------------------------------
@@ -150,7 +150,6 @@ class Job:
     row: int
     tokens: torch.Tensor  # [T] what the worker is given
     cut: int = 0  # ahead twins: positions >= cut hold other text; < cut are compared
-    worker: int = 0
 
 
 @dataclass
@@ -170,15 +169,14 @@ def make_plan(split_rows: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_si
         n, seq_len = inputs.shape
         owner = rng.permutation(n) % WORKERS
         for row in range(n):
-            per_worker[owner[row]].append(Job("score", split, row, inputs[row], worker=owner[row]))
+            per_worker[owner[row]].append(Job("score", split, row, inputs[row]))
         for kind, share in (("copy", COPY_SHARE), ("ahead", AHEAD_SHARE)):
             count = min(n, max(MIN_TWINS, math.ceil(share * n)))
             for row in rng.choice(n, count, replace=False):
                 twin = _twin(kind, split, int(row), inputs, rng)
                 if twin is None:
                     continue
-                twin.worker = 1 - owner[row]
-                per_worker[twin.worker].append(twin)
+                per_worker[1 - owner[row]].append(twin)
                 twins.append(twin)
     batches = []
     all_rows = [job for jobs in per_worker for job in jobs if job.kind == "score"]
@@ -191,7 +189,7 @@ def make_plan(split_rows: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_si
             batch = jobs[start : start + batch_size]
             while len(batch) < batch_size and len(batch) < len(all_rows):
                 filler = all_rows[int(rng.integers(0, len(all_rows)))]
-                batch.append(Job("fill", filler.split, filler.row, filler.tokens, worker=worker))
+                batch.append(Job("fill", filler.split, filler.row, filler.tokens))
             batches.append((worker, batch))
     order = rng.permutation(len(batches))
     return Plan([batches[i] for i in order], twins)
@@ -232,8 +230,8 @@ class Worker:
     """One confined model worker: its buffers, its control pipes, its process."""
 
     def __init__(self, index: int, code_dir: Path, weights_dir: Path, device: str, rows: int,
-                 seq_len: int, vocab: int, log_dir: Path, confine: bool):  # fmt: skip
-        self.index, self.device, self.rows = index, device, rows
+                 seq_len: int, vocab: int, log_dir: Path, confined: bool):  # fmt: skip
+        self.index, self.device = index, device
         self.shape = (rows, seq_len, vocab)
         self._fds: list[int] = []
         in_fd, self._inputs_map = _shared_buffer(rows * seq_len * 8, f"ar-inputs-{index}")
@@ -251,7 +249,7 @@ class Worker:
         self.log_path = log_dir / f"worker-{index}.log"
         # -I ignores PYTHONPATH: the worker finds `sandbox` through a directory it may read
         # (an editable install's repository root is not readable under confinement)
-        view = _import_view(log_dir)
+        view = confine.import_dir(log_dir)
         start = f"import sys; sys.path.insert(0, {str(view)!r}); from sandbox.worker import main; sys.exit(main())"
         cmd = [
             sys.executable, "-I", "-c", start, "--code-dir", str(code_dir),
@@ -260,7 +258,7 @@ class Worker:
             "--ctl-out", str(from_worker_w), *args,
         ]  # fmt: skip
         self.isolation, self.isolation_note = "none", "confinement was not asked for"
-        if confine:
+        if confined:
             cmd, self.isolation, self.isolation_note = _confined(
                 cmd, (code_dir, weights_dir, view), self.tmp, device
             )
@@ -335,7 +333,7 @@ class Worker:
             pass
 
     def close(self) -> None:
-        self.say_bye()
+        """After say_bye(): wait for the worker to exit (kill it after 2 s), free the rest."""
         try:
             self.process.wait(2)
         except subprocess.TimeoutExpired:
@@ -349,18 +347,10 @@ class Worker:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _import_view(log_dir: Path) -> Path:
-    from sandbox import confine
-
-    return confine.import_dir(log_dir)
-
-
 def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path,
               device: str) -> tuple[list[str], str, str]:  # fmt: skip
     """The worker's command inside the kernel's confinement: it reads its code, weights and
     the Python environment, writes only its private tmp, reaches no network."""
-    from sandbox import confine
-
     confinement = confine.Confinement(
         read=tuple(map(str, readable)), write=(str(tmp),), gpu=device == "cuda"
     )
