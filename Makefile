@@ -11,7 +11,7 @@ PIP_VERSION ?= $(shell sed -n "s/^pip==//p" $(LOCK))
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_workspace
 
-.PHONY: install test lint demo bench bench-gpu lock check-lock clean
+.PHONY: install test lint demo bench bench-keep bench-gpu lock check-lock clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# Whether keeps hold up (long: about an hour per 10 experiments at the cpu budget).
+bench-keep: install
+	$(PY) benchmarks/bench_keep.py $(BENCH_KEEP_FLAGS)
+
 # On a machine with an NVIDIA GPU: the gpu profile through ar, one table (docs/gpu-notes.md).
 bench-gpu: install
 	$(PY) benchmarks/bench_gpu.py --variants SSSL,L,SSSL:flex --iterate 2 $(BENCH_GPU_FLAGS)
@@ -47,7 +51,7 @@ bench-gpu: install
 lock:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "pip==$(PIP_VERSION)" "pip-tools==$(shell sed -n 's/^pip-tools==//p' $(LOCK))"
-	$(VENV)/bin/pip-compile --quiet --strip-extras --extra dev --unsafe-package torch \
+	$(VENV)/bin/pip-compile --quiet --strip-extras --extra dev --extra ray --unsafe-package torch \
 		--no-emit-index-url --no-emit-find-links -c lock-constraints.txt $(LOCK_FLAGS) \
 		--output-file $(LOCK) pyproject.toml
 

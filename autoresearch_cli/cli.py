@@ -189,6 +189,12 @@ def iterate(
     workers: Annotated[int | None, typer.Option(
         help="Experiments at once (default: one per visible GPU; one on CPU, where up to one "
              "per core is allowed, each worker getting its share of the cores).", min=1)] = None,
+    backend: Annotated[str, typer.Option(
+        help="local: experiments in processes on this machine; ray: tasks on a Ray cluster "
+             "(pip install 'ar[ray]').")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="The Ray cluster to use (e.g. 10.0.0.1:6379; default: RAY_ADDRESS, else start one "
+             "on this machine). Only with --backend ray.")] = None,
     unsafe_unconfined: Annotated[bool, typer.Option(
         "--unsafe-unconfined",
         help="Run LLM-written train.py even where the kernel cannot confine it: it then runs "
@@ -198,6 +204,12 @@ def iterate(
     from autoresearch_cli import loop
     from autoresearch_cli.agents import make_agent
 
+    if backend not in ("local", "ray"):
+        _err(f"unknown --backend {backend!r}: choose local or ray")
+        raise typer.Exit(2)
+    if address is not None and backend != "ray":
+        _err("--address names a Ray cluster: use it with --backend ray")
+        raise typer.Exit(2)
     try:
         with _session("ar iterate") as current:
             _report_recovered(current)
@@ -211,7 +223,8 @@ def iterate(
                     agent_config, seed=seed, model=model, max_cost_usd=max_cost,
                     on_stream=lambda tokens, seconds: display("answering", tokens=tokens, seconds=seconds),
                 )  # each proposal's model calls are recorded against its experiment (pipeline)
-                outcome = loop.iterate(current, chosen, name, n, display, workers=workers)
+                outcome = loop.iterate(current, chosen, name, n, display, workers=workers,
+                                       backend=backend, address=address)
                 status = display.status_line()
     except KeyboardInterrupt:
         _err("interrupted: the running jobs were killed and their experiments marked interrupted")
@@ -263,6 +276,8 @@ def log(
     else:
         console.print(report.render_table(report.table_rows(rows, limit)))
     typer.echo(report.summary_text(facts))
+    for line in report.noise_lines(rows):
+        typer.echo(line)
 
 
 @app.command()

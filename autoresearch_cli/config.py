@@ -77,7 +77,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "proposal_timeout_s": 900,  # all calls of one proposal, retries and follow-ups included
     },
     "keep": {
-        "min_delta": -1.0,  # < 0: twice the baseline std when there are >= 2 repeats, else 0
+        # The keep test (autoresearch_cli/keeprule.py). "sequential": a one-sided t-test of
+        # the candidate's mean against the best's, the noise measured from repeated runs,
+        # looked at after each run; clear wins keep after one run, marginal ones get more.
+        # "one-run": one run decides, by min_delta.
+        "rule": "sequential",
+        "level": 0.05,  # the chance of keeping a change that is no better, at most
+        "max_runs": 3,  # runs of one candidate at most (the first and its confirmations)
+        "noise_runs": 3,  # runs of the first baseline, with different seeds: the noise
+        "best_runs": 2,  # runs of each new best (re-measures), so the best is a mean
+        "min_delta": -1.0,  # least improvement worth keeping; < 0: 0 (one-run: 2x baseline std)
+        # A run that other processes left less than min_share of its cores, or that ran the
+        # same code below min_throughput of its usual tokens/s, is set aside and run again.
+        "min_share": 0.8,
+        "min_throughput": 0.7,
+        "disturbed_retries": 2,
     },
 }
 
@@ -137,3 +151,16 @@ def _check(config: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path}: [profile] vocab_size {profile['vocab_size']} does not fit uint16 tokens")
     if profile.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{path}: [profile] device must be auto, cpu or cuda")
+    keep = config["keep"]
+    if keep.get("rule") not in ("sequential", "one-run"):
+        raise ConfigError(f"{path}: [keep] rule must be sequential or one-run, got {keep.get('rule')!r}")
+    if not isinstance(keep.get("level"), int | float) or not 0 < keep["level"] < 1:
+        raise ConfigError(f"{path}: [keep] level must be between 0 and 1, got {keep.get('level')!r}")
+    for key, least in (("max_runs", 1), ("noise_runs", 1), ("best_runs", 1),
+                       ("disturbed_retries", 0)):
+        if not isinstance(keep.get(key), int) or keep[key] < least:
+            raise ConfigError(f"{path}: [keep] {key} must be an integer of at least {least}, "
+                              f"got {keep.get(key)!r}")
+    for key in ("min_share", "min_throughput"):
+        if not isinstance(keep.get(key), int | float) or not 0 <= keep[key] <= 1:
+            raise ConfigError(f"{path}: [keep] {key} must be between 0 and 1, got {keep.get(key)!r}")

@@ -127,7 +127,10 @@ class Display:
                                   loss=loss)
 
     def on_done(self, exp_id: int, result: dict[str, Any], decision: str | None,
-                best_bpb: float | None = None, baseline: bool = False) -> None:
+                best_bpb: float | None = None, baseline: bool = False, judgement: Any = None,
+                settled: int | None = None) -> None:
+        """A run ended. `judgement` (keeprule.Judgement) is the keep test it led to; when
+        it `settled` another experiment (a confirmation did), that one's outcome follows."""
         self.answer = ""
         if self._progress is not None and exp_id in self._tasks:
             self._progress.remove_task(self._tasks.pop(exp_id))
@@ -136,8 +139,19 @@ class Display:
         if bucket and not (baseline and decision == "keep"):  # the baseline is not a keep
             self.counts[bucket] += 1
         if decision == "keep" and result.get("val_bpb") is not None:
-            self.best = result["val_bpb"] if self.best is None else min(self.best, result["val_bpb"])
-        self._print(outcome_line(exp_id, result, decision, self.descriptions.get(exp_id, "")))
+            self._best(judgement.mean if judgement is not None else result["val_bpb"])
+        line = outcome_line(exp_id, result, decision, self.descriptions.get(exp_id, ""))
+        if judgement is not None and settled in (None, exp_id):
+            line += f"  [{judgement.reason}]"
+        self._print(line)
+        if judgement is not None and settled not in (None, exp_id):
+            self.counts[judgement.verdict] = self.counts.get(judgement.verdict, 0) + 1
+            if judgement.verdict == "keep" and judgement.mean is not None:
+                self._best(judgement.mean)
+            self._print(f"#{settled:<4d} {judgement.verdict:9s} {judgement.reason}")
+
+    def _best(self, value: float) -> None:
+        self.best = value if self.best is None else min(self.best, value)
 
     # --- rendering -------------------------------------------------------------------
 

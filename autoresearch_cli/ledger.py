@@ -36,9 +36,12 @@ ENVIRONMENT_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_REA
                       "SQLITE_IOERR", "SQLITE_CANTOPEN")
 PID_CLOCK_SLACK_S = 2.0  # process start times and started_at come from different clocks
 
-KINDS = ("baseline", "experiment", "repair", "combination")
+# confirmation: another run (new seed) of a candidate the keep test could not decide yet;
+# remeasure: another run of the best, so that its score is a mean and not one lucky draw.
+KINDS = ("baseline", "experiment", "repair", "combination", "confirmation", "remeasure")
+# disturbed: the run got well under its share of the machine; it is run again, never judged.
 STATUSES = ("proposing", "running", "evaluating", "ok", "crash", "timeout", "oom", "invalid",
-            "interrupted")
+            "interrupted", "disturbed")
 IN_FLIGHT = ("proposing", "running", "evaluating")
 FAILED = ("crash", "timeout", "oom")  # the run trained and failed: the agent may repair it
 DECISIONS = ("keep", "discard", None)
@@ -75,6 +78,18 @@ MIGRATIONS: list[tuple[str, ...]] = [
     (  # 4: the hardware a run got (workers.Slot.slot_class): only like is compared with like
         "ALTER TABLE experiments ADD COLUMN slot_class TEXT",
     ),
+    (  # 5: the seed ar gave the run, its throughput and the share of its cores it got
+        # (a disturbed run is set aside), and where it ran on a cluster (backend task id)
+        "ALTER TABLE experiments ADD COLUMN seed INTEGER",
+        "ALTER TABLE experiments ADD COLUMN tokens_per_s REAL",
+        "ALTER TABLE experiments ADD COLUMN cpu_share REAL",
+        "ALTER TABLE experiments ADD COLUMN backend_task TEXT",
+        "ALTER TABLE experiments ADD COLUMN node TEXT",
+        # the run this one repeats (a confirmation of a candidate, a disturbed run again),
+        # and the keep test's evidence (keeprule.Judgement) on the row it decided
+        "ALTER TABLE experiments ADD COLUMN again_of INTEGER REFERENCES experiments(id)",
+        "ALTER TABLE experiments ADD COLUMN evidence TEXT",
+    ),
 ]
 
 # Columns `update` may set; id, pid, host and started_at belong to start_experiment.
@@ -82,11 +97,12 @@ UPDATABLE = (
     "kind", "parent_sha", "sha", "branch", "status", "decision", "description", "agent",
     "val_bpb", "holdout_bpb", "memory_gb", "training_seconds", "total_seconds", "num_steps",
     "num_params_M", "mfu_percent", "reason", "result_json", "cost_usd", "finished_at",
-    "repair_of", "isolation", "slot_class",
+    "repair_of", "isolation", "slot_class", "seed", "tokens_per_s", "cpu_share", "backend_task",
+    "node", "again_of", "evidence",
 )
 # result.json keys copied verbatim into columns of the same name.
 RESULT_METRICS = ("val_bpb", "holdout_bpb", "training_seconds", "total_seconds", "num_steps",
-                  "num_params_M", "mfu_percent", "isolation")
+                  "num_params_M", "mfu_percent", "isolation", "tokens_per_s", "cpu_share")
 LLM_CALL_FIELDS = ("model", "prompt", "reply", "prompt_tokens", "completion_tokens", "cost_usd",
                    "cost_note", "latency_s", "error", "attempt", "ended_by",
                    "cached_prompt_tokens")
@@ -346,8 +362,10 @@ class Ledger:
             rows = [dict(row) for row in db.execute(
                 f"SELECT * FROM experiments WHERE status IN ({', '.join('?' * len(IN_FLIGHT))})"
                 " ORDER BY id", IN_FLIGHT)]
-            gone = [row for row in rows
-                    if not process_alive(row["pid"], row["host"], row["started_at"])]
+            # A run on a cluster (a backend task id) may outlive ar: `ar iterate` picks it
+            # up again or interrupts it (loop.Scheduler).
+            gone = [row for row in rows if not row["backend_task"]
+                    and not process_alive(row["pid"], row["host"], row["started_at"])]
             for row in gone:
                 reason = (f"interrupted: ar process {row['pid']} on {row['host']} ended while "
                           f"the experiment was {row['status']}")
@@ -379,6 +397,45 @@ class Ledger:
             rows = self._rows("SELECT sha, status, val_bpb FROM experiments WHERE sha = ? AND "
                               "slot_class = ?", (sha, slot_class))
         return mean_bpb_by_sha(rows).get(sha)
+
+    def runs_of(self, sha: str, slot_class: str | None = None,
+                column: str = "val_bpb") -> list[float]:
+        """`column` (val_bpb, tokens_per_s) of every ok run of one commit (on `slot_class`
+        when given), oldest first. Disturbed runs are not ok and never count."""
+        if column not in ("val_bpb", "tokens_per_s"):
+            raise ValueError(f"runs_of reads val_bpb or tokens_per_s, not {column!r}")
+        sql = f"SELECT {column} FROM experiments WHERE sha = ? AND status = 'ok' AND {column} IS NOT NULL"
+        params: tuple[Any, ...] = (sha,)
+        if slot_class is not None:
+            sql += " AND slot_class = ?"
+            params += (slot_class,)
+        return [row[column] for row in self._rows(sql + " ORDER BY id", params)]
+
+    def noise_groups(self, slot_class: str | None = None) -> list[list[float]]:
+        """val_bpb of the ok runs of each commit run more than once (on `slot_class`): the
+        same code with different seeds, from which keeprule.noise() measures the noise."""
+        sql = "SELECT sha, val_bpb FROM experiments WHERE status = 'ok' AND val_bpb IS NOT NULL AND sha IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if slot_class is not None:
+            sql += " AND slot_class = ?"
+            params = (slot_class,)
+        groups: dict[str, list[float]] = {}
+        for row in self._rows(sql + " ORDER BY id", params):
+            groups.setdefault(row["sha"], []).append(row["val_bpb"])
+        return [runs for runs in groups.values() if len(runs) >= 2]
+
+    def settle(self, experiment_id: int, decision: str, evidence: str | None = None) -> None:
+        """The decision on a finished ok experiment that waited for confirmation runs; a
+        keep moves the best (a `keep` event) in the same transaction."""
+        _check("decision", decision, ("keep", "discard"))
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+            if row is None or row["status"] != "ok" or row["val_bpb"] is None or not row["sha"]:
+                raise ValueError(f"experiment #{experiment_id} cannot be decided: it needs "
+                                 "status ok, a val_bpb and a sha")
+            self._update(db, experiment_id, {"decision": decision, "evidence": evidence})
+            if decision == "keep":
+                _insert_event(db, "keep", row["sha"], f"experiment #{experiment_id}")
 
     def row_for_sha(self, sha: str) -> dict[str, Any] | None:
         """The row that speaks for a commit (a full sha or a prefix of 7+ characters)."""

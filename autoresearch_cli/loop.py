@@ -13,16 +13,17 @@ import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
-from autoresearch_cli import gitops, pipeline
+from autoresearch_cli import gitops, keeprule, pipeline
 from autoresearch_cli.agents.base import Agent, AgentError, Parent, choose_parent
 from autoresearch_cli.errors import ArError
-from autoresearch_cli.ledger import kept, mean_bpb_by_sha
+from autoresearch_cli.ledger import IN_FLIGHT, kept, mean_bpb_by_sha
 from autoresearch_cli.pipeline import Candidate, Rejected, Task
 from autoresearch_cli.runs import (
     Events,
     RefGuard,
     Session,
     _quiet,
+    add_worktree,
     experiment_spec,
     require_data,
     run_baseline,
@@ -63,14 +64,28 @@ def ensure_baseline(current: Session, on_event: Events) -> None:
 
 
 def iterate(current: Session, agent: Agent, agent_name: str, n: int | None,
-            on_event: Events = _quiet, workers: int | None = None) -> IterateOutcome:
+            on_event: Events = _quiet, workers: int | None = None, backend: str = "local",
+            address: str | None = None) -> IterateOutcome:
     """Run `n` new experiments (None: until interrupted or the agent stops), `workers` at
-    once (None: one per visible GPU, or one on CPU)."""
+    once (None: one per visible GPU, or one on CPU; on Ray, one per GPU of the cluster).
+    `backend`: local (child processes on this machine) or ray (tasks on a Ray cluster at
+    `address`; None starts a local one)."""
     require_data(current.ws)
     device = current.config["profile"].get("device", "auto")
-    slots = plan_slots(workers or default_workers(device), device)
+    if backend == "ray":
+        from autoresearch_cli import ray_backend
+        from autoresearch_cli.data import read_manifest
+
+        pool = ray_backend.connect(address, workers, device, read_manifest(current.ws.data_dir),
+                                   current.ws.data_dir)
+        slots = pool.slots
+    elif backend == "local":
+        slots = plan_slots(workers or default_workers(device), device)
+        pool = LocalWorkers(slots)
+    else:
+        raise ArError(f"unknown backend {backend!r}: choose local or ray")
     ensure_baseline(current, on_event)
-    return Scheduler(current, agent, agent_name, n, slots, on_event).run()
+    return Scheduler(current, agent, agent_name, n, slots, on_event, pool=pool).run()
 
 
 @dataclass
@@ -90,7 +105,7 @@ class Scheduler:
     running: dict[int, Candidate] = field(default_factory=dict)
     proposing: int | None = None  # the experiment whose proposal is being asked for
     suspects: dict[int, list[str]] = field(default_factory=dict)  # refs moved while it ran
-    measured: set[tuple[str, str]] = field(default_factory=set)  # (sha, slot class) tried
+    measured: dict[tuple[str, str], int] = field(default_factory=dict)  # measurements tried
     waiting: list[tuple[Candidate, pipeline.Result]] = field(default_factory=list)  # for one
     pool: LocalWorkers | None = None  # the backend (tests give one that runs nothing)
 
@@ -98,6 +113,56 @@ class Scheduler:
         self.pool = self.pool or LocalWorkers(self.slots)
         self.guard = RefGuard(self.current.ws.root)
         self.repair_attempts = int(self.current.config["agent"]["repair_attempts"])
+        self._waiting_reason: str | None = None
+        self._resume_cluster_runs()
+        self._resume_confirmations()
+
+    def _resume_cluster_runs(self) -> None:
+        """Runs a killed ar left on a cluster (a backend task id in their row): picked up
+        again where the backend still has them, else interrupted and re-queued once."""
+        ledger = self.current.ledger
+        for row in ledger.experiments():
+            if row["status"] not in IN_FLIGHT or not row["backend_task"]:
+                continue
+            parent = Parent(row["parent_sha"], ledger.bpb_of(row["parent_sha"]), None, "")
+            measure = row["kind"] in ("baseline", "remeasure")
+            task = Task(parent, measure=measure, remeasure=row["kind"] == "remeasure",
+                        sha=None if measure else row["sha"], description=row["description"] or "",
+                        confirms=self._confirmed(row) if row["kind"] == "confirmation" else None)
+            worktree = self.current.ws.worktrees_dir / str(row["id"])
+            candidate = Candidate(row["id"], task, row["sha"], row["description"] or "", worktree,
+                                  self.current.ws.runs_dir / str(row["id"]),
+                                  ledger.data_version(), row["slot_class"] or "")
+            reattach = getattr(self.pool, "reattach", None)
+            if reattach is not None and reattach(row["id"], row["backend_task"], row["slot_class"],
+                                                 candidate.run_dir):
+                if not worktree.exists():  # recovery removed it; the checks read it
+                    add_worktree(self.current, row["id"], row["sha"])
+                self.running[row["id"]] = candidate
+                self.on_event("note", message=f"#{row['id']}: picked up again on the cluster "
+                                              f"(task {row['backend_task']})")
+                continue
+            self._interrupted(candidate, "ar was restarted and the cluster no longer has its "
+                                         f"task {row['backend_task']}", requeue=True)
+
+    def _confirmed(self, row: dict) -> int:
+        """The experiment a confirmation run confirms: up its chain of runs (again_of)."""
+        while row["kind"] == "confirmation" and row["again_of"] is not None:
+            row = self.current.ledger.get(row["again_of"])
+        return row["id"]
+
+    def _resume_confirmations(self) -> None:
+        """Candidates a stopped ar left waiting for a confirmation run get it first."""
+        in_flight = {c.task.confirms for c in self.running.values()}
+        for row in self.current.ledger.experiments():
+            if (row["kind"] in ("experiment", "repair", "combination") and row["status"] == "ok"
+                    and row["decision"] is None and row["evidence"]
+                    and row["id"] not in in_flight):
+                parent = Parent(row["parent_sha"], self.current.ledger.bpb_of(row["parent_sha"]),
+                                None, "")
+                self.repairs.append(Task(parent, sha=row["sha"], confirms=row["id"],
+                                         again_of=row["id"],
+                                         description=f"confirm #{row['id']} (resumed)"))
 
     def run(self) -> IterateOutcome:
         try:
@@ -108,6 +173,7 @@ class Scheduler:
                         return self.outcome
                     self._judge_waiting(force=True)  # a measurement failed: judge as we can
                     continue
+                self._say_why_waiting()
                 for event in self.pool.wait(POLL_S):
                     if isinstance(event, Ended):
                         self._finish(event)
@@ -119,6 +185,13 @@ class Scheduler:
         except BaseException as exc:
             self._stop_everything(f"ar stopped: {exc}")
             raise
+
+    def _say_why_waiting(self) -> None:
+        """A cluster that cannot start queued runs (no free GPU) says so, once per reason."""
+        reason = getattr(self.pool, "waiting_reason", lambda: None)()
+        if reason and reason != self._waiting_reason:
+            self.on_event("note", message=f"waiting: {reason}")
+        self._waiting_reason = reason
 
     # --- starting ------------------------------------------------------------------------
 
@@ -140,20 +213,40 @@ class Scheduler:
         return self.outcome.stopped_because is None and bool(
             self.repairs or self.n is None or self.outcome.started < self.n)
 
+    def _runs_needed(self, slot_class: str) -> int:
+        """Ok runs the best needs on `slot_class` before candidates there are judged: one
+        under the one-run rule; else enough to measure the noise (the first baseline's
+        noise_runs, with different seeds) and then best_runs, so the best is a mean."""
+        keep = self.current.config["keep"]
+        if keep["rule"] == "one-run":
+            return 1
+        measured = keeprule.noise(self.current.ledger.noise_groups(slot_class))
+        if measured.df < int(keep["noise_runs"]) - 1:
+            return int(keep["noise_runs"])
+        return int(keep["best_runs"])
+
+    def _measuring(self, sha: str, slot_class: str) -> int:
+        return sum(1 for c in self.running.values()
+                   if c.task.measure and c.sha == sha and c.slot_class == slot_class)
+
     def _measurement(self, slot: Slot) -> Task | None:
-        """A run of the tip on `slot`'s class when the tip has a score, but none from that
-        class, and something is to be judged there: like is compared only with like."""
+        """A run of the tip on `slot`'s class when it has fewer runs there than the keep
+        test needs and something is to be judged there: like is compared only with like,
+        and the best is a mean of runs, not its luckiest draw."""
         tip = self._tip()
         key = (tip.sha, slot.slot_class)
-        if tip.val_bpb is None or key in self.measured:
+        if tip.val_bpb is None:
             return None
-        if self.current.ledger.bpb_of(tip.sha, slot.slot_class) is not None:
+        have = len(self.current.ledger.runs_of(tip.sha, slot.slot_class))
+        needed = self._runs_needed(slot.slot_class)
+        tried = self.measured.get(key, 0)
+        if have + self._measuring(*key) >= needed or tried >= needed + 1:  # one failure spare
             return None
         if not self._has_work() and not any(c.slot_class == slot.slot_class
                                             for c, _ in self.waiting):
             return None
-        self.measured.add(key)
-        return Task(tip, measure=True)
+        self.measured[key] = tried + 1
+        return Task(tip, measure=True, remeasure=have > 0 or self._measuring(*key) > 0)
 
     def _fill_slots(self) -> None:
         while free := self.pool.free_slots():
@@ -167,11 +260,11 @@ class Scheduler:
     def _start(self, task: Task, slot: Slot) -> None:
         current = self.current
         exp_id = pipeline.open_experiment(current, task, self.agent_name)
-        if task.measure:
-            measurement = pipeline.checkout_parent(current, exp_id, task, slot.slot_class)
+        if task.measure or task.sha is not None:
+            run = pipeline.checkout(current, exp_id, task, slot.slot_class)
             self.on_event("start", exp_id=exp_id, index=max(self.outcome.started - 1, 0),
-                          total=self.n, description=measurement.description, sha=task.parent.sha)
-            self._run(measurement, slot)
+                          total=self.n, description=run.description, sha=run.sha)
+            self._run(run, slot)
             return
         self.proposing = exp_id
         self.on_event("start", exp_id=exp_id, index=self.outcome.started - 1, total=self.n,
@@ -199,11 +292,17 @@ class Scheduler:
         self._run(candidate, slot)
 
     def _run(self, candidate: Candidate, slot: Slot) -> None:
-        spec = experiment_spec(self.current, candidate.run_dir, candidate.worktree)
+        # Every run gets its own seed (its id): repeated runs of one commit measure the noise.
+        spec = experiment_spec(self.current, candidate.run_dir, candidate.worktree,
+                               seed=candidate.exp_id)
+        self.current.ledger.update(candidate.exp_id, seed=candidate.exp_id)
         self.ticks += 1
         self.started_tick[candidate.exp_id] = self.ticks
         self.running[candidate.exp_id] = candidate
-        self.pool.start(candidate.exp_id, slot, dataclasses.replace(spec, device=slot.device))
+        task_id = self.pool.start(candidate.exp_id, slot,
+                                  dataclasses.replace(spec, device=slot.device))
+        if task_id:  # a cluster's id for it: a restarted ar picks the run up by it
+            self.current.ledger.update(candidate.exp_id, backend_task=str(task_id))
         self.on_event("training", exp_id=candidate.exp_id, budget=spec.time_budget,
                       slot=slot.label)
 
@@ -215,25 +314,78 @@ class Scheduler:
 
     def _finish(self, ended: Ended) -> None:
         candidate = self.running.pop(ended.exp_id)
+        if ended.result.get("node"):
+            self.current.ledger.update(candidate.exp_id, node=str(ended.result["node"])[:200])
+        if ended.result.get("status") == "interrupted":  # a lost node: not the code's doing
+            self._interrupted(candidate, str(ended.result.get("reason") or "interrupted"),
+                              requeue=bool(ended.result.get("requeue")))
+            return
         moved = self.guard.restore()  # a ref moved by a job: every run in flight is suspect
         for other in self.running:
             self.suspects.setdefault(other, []).extend(moved)
         tampered = moved + self.suspects.pop(ended.exp_id, [])
         result = pipeline.check(self.current, candidate, ended.result, tampered)
+        disturbed = pipeline.disturbance(self.current, candidate, result)
+        if disturbed:
+            self._set_aside(candidate, result, disturbed)
+            return
         if not candidate.task.measure and self._unmeasured(candidate.slot_class):
             self.waiting.append((candidate, result))  # judged once the tip is measured there
             return
         self._judge(candidate, result)
         self._judge_waiting()
 
+    def _set_aside(self, candidate: Candidate, result: pipeline.Result, reason: str) -> None:
+        """A disturbed run is never judged: it is run again (at most disturbed_retries
+        times in a chain), first in line."""
+        pipeline.set_aside(self.current, candidate, result, reason)
+        details = dict(result.details, status="disturbed", reason=reason, val_bpb=None)
+        self.on_event("done", exp_id=candidate.exp_id, decision=None, result=details,
+                      baseline=candidate.task.measure)
+        task = candidate.task
+        if task.measure:
+            key = (candidate.sha, candidate.slot_class)
+            self.measured[key] = max(0, self.measured.get(key, 0) - 1)  # not a failure
+        if task.retries >= int(self.current.config["keep"]["disturbed_retries"]):
+            if task.confirms is not None:
+                original = self.current.ledger.get(task.confirms)
+                pipeline.settle(self.current, self.guard, original, keeprule.Judgement(
+                    keeprule.DISCARD, f"discarded: its confirmation runs were disturbed "
+                    f"{task.retries + 1} times", (), ()))
+            return
+        if task.measure:
+            return  # the next free slot measures again
+        self.repairs.appendleft(dataclasses.replace(
+            task, sha=candidate.sha, again_of=candidate.exp_id, retries=task.retries + 1,
+            description=f"{candidate.description} (again: #{candidate.exp_id} was disturbed)"))
+
+    def _interrupted(self, candidate: Candidate, reason: str, requeue: bool) -> None:
+        """A run lost to the machine (a cluster node died): its row says why, and it runs
+        again once, first in line."""
+        pipeline.interrupt(self.current, candidate, candidate.exp_id, reason)
+        self.on_event("done", exp_id=candidate.exp_id, decision=None, baseline=candidate.task.measure,
+                      result={"status": "interrupted", "reason": reason, "val_bpb": None})
+        task = candidate.task
+        if task.measure:
+            key = (candidate.sha, candidate.slot_class)
+            self.measured[key] = max(0, self.measured.get(key, 0) - 1)
+            return
+        if requeue and not task.requeued:
+            self.repairs.appendleft(dataclasses.replace(
+                task, sha=candidate.sha, again_of=candidate.exp_id, requeued=True,
+                description=f"{candidate.description} (again: #{candidate.exp_id} was interrupted)"))
+
     def _unmeasured(self, slot_class: str) -> bool:
-        """Whether the tip's score on `slot_class` is still to come (or to be asked for)."""
+        """Whether runs of the tip on `slot_class` the keep test needs are still to come."""
         tip = self._tip()
-        if tip.val_bpb is None or self.current.ledger.bpb_of(tip.sha, slot_class) is not None:
+        if tip.val_bpb is None:
             return False
-        in_flight = any(c.task.measure and c.sha == tip.sha and c.slot_class == slot_class
-                        for c in self.running.values())
-        return in_flight or (tip.sha, slot_class) not in self.measured
+        have = len(self.current.ledger.runs_of(tip.sha, slot_class))
+        needed = self._runs_needed(slot_class)
+        if have >= needed:
+            return False
+        return (self._measuring(tip.sha, slot_class) > 0
+                or self.measured.get((tip.sha, slot_class), 0) < needed + 1)
 
     def _judge_waiting(self, force: bool = False) -> None:
         for candidate, result in list(self.waiting):
@@ -243,11 +395,20 @@ class Scheduler:
 
     def _judge(self, candidate: Candidate, result: pipeline.Result) -> None:
         decision = pipeline.record(self.current, self.guard, candidate, result)
-        self.on_event("done", exp_id=candidate.exp_id, result=result.details,
-                      decision=decision.verdict, best_bpb=decision.best_bpb,
-                      baseline=candidate.task.measure)
         task = candidate.task
-        if task.measure:
+        verdict = decision.verdict
+        self.on_event("done", exp_id=candidate.exp_id, result=result.details,
+                      decision=verdict if task.confirms is None else None,
+                      best_bpb=decision.best_bpb, baseline=task.measure or task.confirms is not None,
+                      judgement=decision.judgement, settled=decision.settled)
+        if verdict == keeprule.CONFIRM:  # another run of the same commit, first in line
+            original = task.confirms if task.confirms is not None else candidate.exp_id
+            runs = len(decision.judgement.runs) if decision.judgement else 1
+            self.repairs.appendleft(Task(
+                task.parent, sha=candidate.sha, confirms=original, again_of=candidate.exp_id,
+                description=f"confirm #{original}: run {runs + 1}"))
+            return
+        if task.measure or task.confirms is not None:
             return
         if pipeline.should_repair(result.status, task.repairs_so_far, self.repair_attempts):
             self.repairs.append(Task(parents(self.current)[0], repair_of=candidate.exp_id,
@@ -259,9 +420,9 @@ class Scheduler:
         """Two experiments of one parent that both beat it ran at the same time: try both
         changes together, on the tip (which one of them is now)."""
         task = candidate.task
-        parent_bpb = pipeline.best_on(self.current, task.parent.sha, candidate.slot_class)
-        beat_parent = pipeline.decide(decision.result.status, decision.result.val_bpb,
-                                      parent_bpb, decision.threshold) == pipeline.KEEP
+        beat_parent = decision.result.status == "ok" and pipeline.judgement(
+            self.current, candidate.sha, candidate.slot_class,
+            against=task.parent.sha).verdict == keeprule.KEEP
         self.ticks += 1
         if task.combines is not None or not beat_parent:
             return

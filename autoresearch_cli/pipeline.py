@@ -6,7 +6,8 @@
       -> Result (result.json after ar's own checks)
       -> Decision (keep, discard, or none for a failed run)
 
-`decide` is the keep rule, a pure function of numbers. Each stage that acts is a short
+The keep rule is keeprule.judge, a pure function of the runs' numbers; a candidate it
+cannot decide yet gets confirmation runs (new seeds) before its row is settled. Each stage that acts is a short
 sequence of calls to the doors (ledger, gitops). Which experiments run, on which parent
 and how many at once is the scheduler's business (loop.py); this module owns one.
 """
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli import gitops
+from autoresearch_cli import gitops, keeprule
 from autoresearch_cli.agents.base import (
     Agent,
     AgentError,
@@ -29,6 +31,7 @@ from autoresearch_cli.agents.base import (
     Proposal,
     ProposalError,
 )
+from autoresearch_cli.keeprule import CONFIRM, DISCARD, KEEP, Judgement
 from autoresearch_cli.ledger import IN_FLIGHT, failed, mean_bpb_by_sha
 from autoresearch_cli.runs import (
     RefGuard,
@@ -39,33 +42,9 @@ from autoresearch_cli.runs import (
     job_tampering,
 )
 
-KEEP, DISCARD = "keep", "discard"
 REPLACED_PREFIX = "refs/ar/replaced/"  # a best that a concurrent keep replaced stays here
 
 # --- the rules: pure functions of numbers -----------------------------------------------
-
-
-def min_delta(configured: float, baseline_std: float | None, baseline_runs: int) -> float:
-    """How much a candidate must beat the best by: ar.toml's value, or (when negative)
-    twice the std of the baseline repeats, or 0 without two repeats."""
-    if configured >= 0:
-        return configured
-    return 2 * baseline_std if baseline_std is not None and baseline_runs >= 2 else 0.0
-
-
-def decide(status: str, val_bpb: float | None, best_bpb: float | None,
-           threshold: float) -> str | None:
-    """keep, discard, or None when the run has no score to compare.
-
-    A candidate is kept when it beats the best by more than `threshold` (a tie is a
-    discard); with no best to beat (no evaluation of the parent, or the parent crashed)
-    any ok score is kept.
-    """
-    if status != "ok" or val_bpb is None or not math.isfinite(val_bpb):
-        return None
-    if best_bpb is None:
-        return KEEP
-    return KEEP if val_bpb < best_bpb - threshold else DISCARD
 
 
 def should_repair(status: str, repairs_so_far: int, repair_attempts: int) -> bool:
@@ -83,7 +62,54 @@ def validate(train_py: str, parent_train_py: str) -> str | None:
         return f"train.py does not parse: line {exc.lineno}: {exc.msg}"
     if "build_model" not in train_py or "save_for_eval" not in train_py:
         return "train.py must define build_model and call prepare.save_for_eval"
-    return None
+    return non_research_change(train_py, parent_train_py)
+
+
+# Calls whose arguments are a seed (ar owns it) or only reach the log, never the model.
+SEED_CALLS = frozenset({"manual_seed", "manual_seed_all", "seed", "set_seed", "default_rng"})
+OUTPUT_CALLS = frozenset({"print", "info", "debug", "warning", "write", "flush"})
+# Names of constants that steer only the output: how often to print, how much to say.
+OUTPUT_NAMES = ("LOG", "PRINT", "VERBOSE", "REPORT")
+
+
+def non_research_change(train_py: str, parent_train_py: str) -> str | None:
+    """Why a change is not research, or None when it is: a proposal that only changes
+    seeds, comments, docstrings or what is printed would be kept for luck alone (runs of
+    one commit with different seeds differ by the noise). Both files must parse."""
+    try:
+        new, old = _research_view(train_py), _research_view(parent_train_py)
+    except SyntaxError:
+        return None
+    if new != old:
+        return None
+    return ("the change touches only seeds, comments, docstrings or printed output: nothing "
+            "to research (ar owns the seed and gives every run its own)")
+
+
+def _research_view(source: str) -> str:
+    """The program with what cannot change a score blanked out: docstrings, seed values,
+    the arguments of printing calls and output-only constants."""
+
+    class Blank(ast.NodeTransformer):
+        def visit_Call(self, node: ast.Call) -> ast.AST:
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in SEED_CALLS or name in OUTPUT_CALLS:
+                node.args, node.keywords = [], []
+            return self.generic_visit(node)
+
+        def visit_Assign(self, node: ast.Assign) -> ast.AST:
+            names = [target.id for target in node.targets if isinstance(target, ast.Name)]
+            if names and all("SEED" in n.upper() or any(w in n.upper() for w in OUTPUT_NAMES)
+                             for n in names):
+                node.value = ast.Constant(None)
+            return self.generic_visit(node)
+
+        def visit_Expr(self, node: ast.Expr) -> ast.AST | None:
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                return None  # a docstring or a bare string
+            return self.generic_visit(node)
+
+    return ast.dump(Blank().visit(ast.parse(source)))
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -98,12 +124,21 @@ class Task:
     failure: str | None = None  # why the run to repair failed, for the agent
     repairs_so_far: int = 0  # repairs before this one in the chain
     combines: tuple[int, int] | None = None  # two experiments whose changes go together
-    measure: bool = False  # run the parent itself: its score on a slot class without one
+    measure: bool = False  # run the parent itself: a score (again) on a slot class
+    remeasure: bool = False  # the parent has a score there already: this run adds one
+    sha: str | None = None  # run this commit as it is, no proposal (a confirmation, a rerun)
+    confirms: int | None = None  # the experiment whose candidate this run confirms
+    again_of: int | None = None  # the run this one repeats (disturbed, or confirmed)
+    description: str = ""  # of a run of an existing commit
+    retries: int = 0  # disturbed runs before this one in the chain
+    requeued: bool = False  # a run of it was lost to the machine (a node died) once already
 
     @property
     def kind(self) -> str:
         if self.measure:
-            return "baseline"
+            return "remeasure" if self.remeasure else "baseline"
+        if self.confirms is not None:
+            return "confirmation"
         if self.combines is not None:
             return "combination"
         return "repair" if self.repair_of is not None else "experiment"
@@ -147,14 +182,18 @@ class Decision:
     exp_id: int
     verdict: str | None  # keep, discard, or None (the run failed)
     result: Result
-    best_bpb: float | None  # what it was judged against: the best when it finished
-    threshold: float
+    best_bpb: float | None  # what it was judged against: the best's mean when it finished
+    judgement: Judgement | None = None  # the keep test; None for failed runs and measures
+    settled: int | None = None  # the experiment this run decided (itself, or the confirmed)
 
 
 def open_experiment(current: Session, task: Task, agent_name: str) -> int:
     """The ledger row of a new experiment, before anything is asked of the agent."""
-    return current.ledger.start_experiment(task.kind, task.parent.sha, None, agent_name,
-                                           repair_of=task.repair_of, branch=current.ws.branch)
+    exp_id = current.ledger.start_experiment(task.kind, task.parent.sha, None, agent_name,
+                                             repair_of=task.repair_of, branch=current.ws.branch)
+    if task.again_of is not None:
+        current.ledger.update(exp_id, again_of=task.again_of)
+    return exp_id
 
 
 def propose(current: Session, agent: Agent, exp_id: int, task: Task) -> Proposal | Rejected:
@@ -234,15 +273,19 @@ def commit(current: Session, guard: RefGuard, exp_id: int, task: Task, proposal:
                      ws.runs_dir / str(exp_id), current.ledger.data_version(), slot_class)
 
 
-def checkout_parent(current: Session, exp_id: int, task: Task, slot_class: str) -> Candidate:
-    """A measurement: the parent itself, checked out to run on `slot_class`."""
+def checkout(current: Session, exp_id: int, task: Task, slot_class: str) -> Candidate:
+    """A run of an existing commit: the parent itself (a measurement), or a candidate
+    again (a confirmation, a disturbed run repeated), checked out to run on `slot_class`."""
     ws = current.ws
-    worktree = add_worktree(current, exp_id, task.parent.sha)
-    description = f"baseline on {slot_class}"
-    current.ledger.update(exp_id, sha=task.parent.sha, status="running", slot_class=slot_class,
+    sha = task.parent.sha if task.measure else task.sha
+    assert sha is not None
+    worktree = add_worktree(current, exp_id, sha)
+    description = task.description or (f"re-measure of the best on {slot_class}" if task.remeasure
+                                       else f"baseline on {slot_class}")
+    current.ledger.update(exp_id, sha=sha, status="running", slot_class=slot_class,
                           description=description)
-    return Candidate(exp_id, task, task.parent.sha, description, worktree,
-                     ws.runs_dir / str(exp_id), current.ledger.data_version(), slot_class)
+    return Candidate(exp_id, task, sha, description, worktree, ws.runs_dir / str(exp_id),
+                     current.ledger.data_version(), slot_class)
 
 
 def check(current: Session, candidate: Candidate, raw: dict[str, Any],
@@ -255,26 +298,103 @@ def check(current: Session, candidate: Candidate, raw: dict[str, Any],
 
 
 def record(current: Session, guard: RefGuard, candidate: Candidate, result: Result) -> Decision:
-    """Judge the result against the best at this moment and record it: the branch moves
-    (compare-and-swap) only to a kept commit; a replaced best stays reachable."""
-    ws, ledger = current.ws, current.ledger
+    """Record a run and judge what it decides, against the best at this moment.
+
+    A candidate's first run is judged by the keep test: keep, discard, or confirm (its row
+    stays undecided and the scheduler runs it again with a new seed). A confirmation run
+    re-judges the candidate it confirms with all its runs and settles that row. The branch
+    moves (compare-and-swap) only to a kept commit; a replaced best stays reachable.
+    """
+    ws, ledger, task = current.ws, current.ledger, candidate.task
     tip = ws.tip()
     best_bpb = best_on(current, tip, candidate.slot_class)
-    threshold = current_min_delta(current, candidate.slot_class)
-    verdict = None if candidate.task.measure else decide(result.status, result.val_bpb,
-                                                         best_bpb, threshold)
-    if verdict == KEEP:
-        if candidate.task.parent.sha != tip:  # a concurrent keep moved the tip meanwhile
-            guard.update(f"{REPLACED_PREFIX}{tip}", tip, None)
-        guard.update(ws.branch_ref(), candidate.sha, tip)
-        guard.delete(f"{gitops.DISCARDED_PREFIX}{candidate.exp_id}")
-        gitops.sync_checkout(ws.root, ws.branch, tip, candidate.sha)
+    if task.measure or task.confirms is not None:
+        discard_weights(candidate.run_dir)  # the commit's weights, if kept, are elsewhere
+        ledger.finish(candidate.exp_id, result.status, None, result.details, sha=candidate.sha)
+        current.export()
+        gitops.worktree_remove(ws.root, candidate.worktree)
+        if task.confirms is None:
+            return Decision(candidate.exp_id, None, result, best_bpb)
+        original = ledger.get(task.confirms)
+        if result.status != "ok":
+            verdict = keeprule.Judgement(DISCARD, f"discarded: a confirmation run (#"
+                                         f"{candidate.exp_id}) ended {result.status}", (), ())
+        else:
+            verdict = judgement(current, candidate.sha, candidate.slot_class)
+        if verdict.verdict != CONFIRM:
+            settle(current, guard, original, verdict)
+        return Decision(candidate.exp_id, verdict.verdict, result, best_bpb, verdict,
+                        settled=task.confirms if verdict.verdict != CONFIRM else None)
+    tested = None
+    if result.status == "ok" and result.val_bpb is not None and math.isfinite(result.val_bpb):
+        ledger.finish(candidate.exp_id, result.status, None, result.details, sha=candidate.sha)
+        tested = judgement(current, candidate.sha, candidate.slot_class)
+        settle(current, guard, ledger.get(candidate.exp_id), tested)
     else:
         discard_weights(candidate.run_dir)
-    ledger.finish(candidate.exp_id, result.status, verdict, result.details, sha=candidate.sha)
+        ledger.finish(candidate.exp_id, result.status, None, result.details, sha=candidate.sha)
     current.export()
     gitops.worktree_remove(ws.root, candidate.worktree)
-    return Decision(candidate.exp_id, verdict, result, best_bpb, threshold)
+    verdict = tested.verdict if tested else None
+    return Decision(candidate.exp_id, verdict, result, best_bpb, tested,
+                    settled=candidate.exp_id if verdict in (KEEP, DISCARD) else None)
+
+
+def judgement(current: Session, sha: str, slot_class: str, against: str | None = None) -> Judgement:
+    """The keep test of commit `sha` (its ok runs on `slot_class`) against `against` (the
+    branch tip when None), with the noise measured on that hardware."""
+    ledger = current.ledger
+    best = against or current.ws.tip()
+    best_runs = ledger.runs_of(best, slot_class) or ledger.runs_of(best)
+    _, baseline_std, _ = ledger.baseline_stats(slot_class)
+    rule = keeprule.Rule.from_config(current.config["keep"], baseline_std)
+    measured = keeprule.noise(ledger.noise_groups(slot_class))
+    return keeprule.judge(ledger.runs_of(sha, slot_class), best_runs, measured, rule)
+
+
+def settle(current: Session, guard: RefGuard, row: dict[str, Any], tested: Judgement) -> None:
+    """Act on a judgement of the experiment in `row`: keep (the branch moves to its
+    commit), discard (its weights go), or confirm (nothing yet: its evidence so far)."""
+    ws, ledger = current.ws, current.ledger
+    evidence = json.dumps(tested.as_dict(), sort_keys=True)
+    if tested.verdict == CONFIRM:
+        ledger.update(row["id"], evidence=evidence)
+        return
+    if tested.verdict == KEEP:
+        tip = ws.tip()
+        if row["parent_sha"] != tip:  # a concurrent keep moved the tip meanwhile
+            guard.update(f"{REPLACED_PREFIX}{tip}", tip, None)
+        guard.update(ws.branch_ref(), row["sha"], tip)
+        guard.delete(f"{gitops.DISCARDED_PREFIX}{row['id']}")
+        gitops.sync_checkout(ws.root, ws.branch, tip, row["sha"])
+    else:
+        discard_weights(ws.runs_dir / str(row["id"]))
+    ledger.settle(row["id"], tested.verdict, evidence)
+    ledger.update(row["id"], reason=tested.reason)
+
+
+def set_aside(current: Session, candidate: Candidate, result: Result, reason: str) -> None:
+    """A run that got too little of the machine: recorded as disturbed, never judged."""
+    details = dict(result.details, status="disturbed", reason=reason)
+    discard_weights(candidate.run_dir)
+    current.ledger.finish(candidate.exp_id, "disturbed", None, details, sha=candidate.sha)
+    current.ledger.add_event("disturbed", candidate.sha, f"experiment #{candidate.exp_id}: {reason}")
+    current.export()
+    gitops.worktree_remove(current.ws.root, candidate.worktree)
+
+
+def disturbance(current: Session, candidate: Candidate, result: Result) -> str | None:
+    """Why `result` cannot be judged (the run got too little of the machine), or None."""
+    if result.status not in ("ok", "timeout"):
+        return None
+    keep = current.config["keep"]
+    limits = keeprule.Disturbance(float(keep["min_share"]), float(keep["min_throughput"]),
+                                  int(keep["disturbed_retries"]))
+    same_code = current.ledger.runs_of(candidate.sha, candidate.slot_class, "tokens_per_s")
+    # On a GPU the host's cores serve every GPU's job: their share says little about the
+    # run's compute, so only its throughput against the same code's counts there.
+    share = None if result.details.get("device") == "cuda" else result.details.get("cpu_share")
+    return keeprule.disturbed(share, result.details.get("tokens_per_s"), same_code, limits)
 
 
 def interrupt(current: Session, candidate: Candidate | None, exp_id: int,
@@ -300,11 +420,6 @@ def best_on(current: Session, sha: str, slot_class: str) -> float | None:
     none)."""
     measured = current.ledger.bpb_of(sha, slot_class)
     return measured if measured is not None else current.ledger.bpb_of(sha)
-
-
-def current_min_delta(current: Session, slot_class: str | None = None) -> float:
-    _, std, runs = current.ledger.baseline_stats(slot_class)
-    return min_delta(float(current.config["keep"]["min_delta"]), std, runs)
 
 
 def history(current: Session) -> list[HistoryItem]:

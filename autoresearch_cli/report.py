@@ -9,6 +9,7 @@ decrease in val_bpb, so positive is better.
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,18 @@ Row = dict[str, Any]
 
 OUTCOME_STYLES = {"keep": "bold green", "baseline": "bold blue", "discard": "dim",
                   "crash": "red", "timeout": "red", "oom": "red", "invalid": "magenta",
-                  "interrupted": "yellow"}
+                  "interrupted": "yellow", "disturbed": "yellow", "pending": "cyan",
+                  "remeasure": "blue", "confirmation": "cyan"}
 
 
 def outcome(row: Row) -> str:
     """One word for how an experiment ended: baseline, keep, discard, or its status."""
     if row["status"] != "ok":
         return row["status"]
-    if row["kind"] == "baseline":
-        return "baseline"
+    if row["kind"] in ("baseline", "remeasure", "confirmation"):
+        return row["kind"]
+    if row["decision"] is None and row.get("evidence"):
+        return "pending"  # waiting for a confirmation run
     return row["decision"] or "ok"
 
 
@@ -94,11 +98,21 @@ def json_rows(experiments: list[Row], limit: int | None = None) -> list[Row]:
     return out
 
 
+def runs_by_sha(experiments: list[Row]) -> dict[tuple[str, str | None], list[float]]:
+    """val_bpb of the ok runs of each (commit, hardware class)."""
+    runs: dict[tuple[str, str | None], list[float]] = defaultdict(list)
+    for row in experiments:
+        if row["sha"] and row["status"] == "ok" and row["val_bpb"] is not None:
+            runs[(row["sha"], row["slot_class"])].append(row["val_bpb"])
+    return runs
+
+
 def best_chain(experiments: list[Row], best: Row | None) -> list[Row]:
     """`ar log --best`: the kept steps from the baseline to `best` (Ledger.best()).
 
     Follows parent commits back from the best row, so a revert is honoured. Each step has
-    its improvement over the previous step and the cumulative one over the first.
+    the evidence behind it: its runs (on the hardware it was judged on), their mean and
+    spread, and the keep test's outcome; improvements are between means.
     """
     if best is None or best["val_bpb"] is None:
         return []
@@ -111,19 +125,50 @@ def best_chain(experiments: list[Row], best: Row | None) -> list[Row]:
         chain.append(parent)
         seen.add(parent["id"])
     chain.reverse()
-    start = chain[0]["val_bpb"]
-    steps, previous = [], None
+    all_runs = runs_by_sha(experiments)
+    steps, previous, start = [], None, None
     for row in chain:
-        cumulative = start - row["val_bpb"]
+        runs = all_runs.get((row["sha"], row["slot_class"])) or [row["val_bpb"]]
+        mean = statistics.fmean(runs)
+        start = mean if start is None else start
+        evidence = json.loads(row["evidence"]) if row.get("evidence") else None
         steps.append({
             "id": row["id"], "kind": row["kind"], "commit": short_sha(row["sha"]),
-            "val_bpb": row["val_bpb"], "description": row["description"] or "",
-            "improvement": None if previous is None else previous - row["val_bpb"],
-            "cumulative_improvement": cumulative,
-            "cumulative_percent": 100.0 * cumulative / start if start else None,
+            "val_bpb": mean, "runs": len(runs),
+            "spread": statistics.stdev(runs) if len(runs) >= 2 else None,
+            "test": _test_outcome(evidence), "p": evidence.get("p") if evidence else None,
+            "description": row["description"] or "",
+            "improvement": None if previous is None else previous - mean,
+            "cumulative_improvement": start - mean,
+            "cumulative_percent": 100.0 * (start - mean) / start if start else None,
         })
-        previous = row["val_bpb"]
+        previous = mean
     return steps
+
+
+def _test_outcome(evidence: Row | None) -> str:
+    if not evidence:
+        return "-"
+    if evidence.get("p") is None:
+        return evidence.get("reason", "-").split(":")[0] if evidence.get("rule") != "one-run" else "one run"
+    return f"p={evidence['p']:.2g} < {evidence['look_level']:.2g} ({len(evidence['runs'])} run(s))"
+
+
+def noise_lines(experiments: list[Row]) -> list[str]:
+    """The measured noise per hardware class: the spread of runs of one commit."""
+    from autoresearch_cli.keeprule import noise
+
+    by_class: dict[str | None, list[list[float]]] = defaultdict(list)
+    for (_, slot_class), runs in runs_by_sha(experiments).items():
+        by_class[slot_class].append(runs)
+    lines = []
+    for slot_class, groups in sorted(by_class.items(), key=lambda item: str(item[0])):
+        measured = noise(groups)
+        if measured.sigma is not None:
+            lines.append(f"noise on {slot_class or 'this machine'}: {measured.sigma:.4f} val_bpb "
+                         f"between runs of one commit ({measured.df} degrees of freedom, "
+                         f"{measured.commits} commit(s) run more than once)")
+    return lines
 
 
 def summary(experiments: list[Row], best: Row | None, cost: CostTotal | None = None) -> Row:
@@ -138,6 +183,8 @@ def summary(experiments: list[Row], best: Row | None, cost: CostTotal | None = N
         "discarded": outcomes.count("discard"),
         "failed": sum(outcomes.count(status) for status in FAILED),
         "invalid": outcomes.count("invalid"), "interrupted": outcomes.count("interrupted"),
+        "disturbed": outcomes.count("disturbed"), "pending": outcomes.count("pending"),
+        "confirmations": outcomes.count("confirmation"), "remeasures": outcomes.count("remeasure"),
         "baseline_bpb": baseline_bpb, "best_bpb": best_bpb, "best_id": best["id"] if best else None,
         "improvement": None if baseline_bpb is None or best_bpb is None else baseline_bpb - best_bpb,
         "llm_calls": cost.calls if cost else 0, "cost_usd": cost.usd if cost else None,
@@ -188,12 +235,15 @@ def render_table(rows: list[Row]) -> Table:
 def render_best_chain(steps: list[Row]) -> Table:
     """A rich Table of `best_chain` output."""
     table = Table(show_edge=False, header_style="bold")
-    for name in ("#", "commit", "val_bpb", "step", "cumulative", "%", "description"):
-        table.add_column(name, justify="left" if name in ("commit", "description") else "right")
+    for name in ("#", "commit", "mean val_bpb", "runs", "spread", "test", "step", "cumulative",
+                 "%", "description"):
+        table.add_column(name, justify="left" if name in ("commit", "test", "description")
+                         else "right")
     for step in steps:
         percent = step["cumulative_percent"]
         table.add_row(
-            str(step["id"]), step["commit"] or "-", _number(step["val_bpb"]),
+            str(step["id"]), step["commit"] or "-", _number(step["val_bpb"]), str(step["runs"]),
+            _number(step["spread"], 4), step["test"],
             _signed(step["improvement"], better_when_negative=False),
             _signed(step["cumulative_improvement"], better_when_negative=False),
             "-" if percent is None else f"{percent:.2f}%", step["description"])
@@ -204,7 +254,9 @@ def summary_text(facts: Row) -> str:
     """One line: counts, baseline → best, cost."""
     parts = [f"{facts['experiments']} experiments: {facts['kept']} kept, "
              f"{facts['discarded']} discarded, {facts['failed']} failed, "
-             f"{facts['invalid']} invalid, {facts['interrupted']} interrupted"]
+             f"{facts['invalid']} invalid, {facts['interrupted']} interrupted"
+             + (f", {facts['disturbed']} disturbed (set aside)" if facts.get("disturbed") else "")
+             + (f", {facts['pending']} awaiting confirmation" if facts.get("pending") else "")]
     if facts["best_bpb"] is not None:
         best = f"best {facts['best_bpb']:.6f} (#{facts['best_id']})"
         if facts["baseline_bpb"] is not None:

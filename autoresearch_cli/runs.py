@@ -91,8 +91,9 @@ def protected_changes(ws: Workspace, worktree: Path, sha: str) -> list[str]:
     return changed
 
 
-def experiment_spec(current: Session, run_dir: Path, worktree: Path):
-    """What the sandbox runs for one commit, from ar.toml's profile and sandbox tables."""
+def experiment_spec(current: Session, run_dir: Path, worktree: Path, seed: int = 0):
+    """What the sandbox runs for one commit, from ar.toml's profile and sandbox tables;
+    `seed` is the run's (ar gives each run its own: the experiment's id)."""
     from sandbox.spec import ExperimentSpec, JobLimits
 
     profile, box = current.config["profile"], current.config["sandbox"]
@@ -102,7 +103,7 @@ def experiment_spec(current: Session, run_dir: Path, worktree: Path):
         startup_allowance=float(profile["startup_allowance"]),
         eval_tokens=int(profile["eval_tokens"]), seq_len=int(profile["max_seq_len"]),
         eval_timeout=float(profile["eval_timeout"]), device=profile.get("device", "auto"),
-        limits=JobLimits(max_rss_mb=box["max_rss_mb"], max_vram_mb=box["max_vram_mb"],
+        seed=int(seed), limits=JobLimits(max_rss_mb=box["max_rss_mb"], max_vram_mb=box["max_vram_mb"],
                          max_file_mb=box["max_file_mb"], max_open_files=box["max_open_files"],
                          network=bool(box["network"])),
     )  # fmt: skip
@@ -121,13 +122,13 @@ def evaluate_commit(
     from sandbox.experiment import run_experiment
 
     run_dir = current.ws.runs_dir / str(exp_id)
-    current.ledger.update(exp_id, status="running")
+    current.ledger.update(exp_id, status="running", seed=exp_id)
     on_event("training", exp_id=exp_id, budget=current.config["profile"]["time_budget"])
     refs_before = gitops.refs(current.ws.root, "refs/")
     ledger_before = current.ledger.data_version()
     try:
         result = run_experiment(
-            experiment_spec(current, run_dir, worktree),
+            experiment_spec(current, run_dir, worktree, seed=exp_id),
             on_progress=lambda progress: on_event("progress", exp_id=exp_id, progress=progress),
         ).as_dict()
     except SandboxError as exc:

@@ -151,9 +151,12 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
         train.network_isolated,
     )
     result.isolation, result.isolation_note = train.isolation, train.isolation_note
+    result.cpu_share = train.cpu_share
     result.log_tail = train.log_tail
     for key, value in parse_summary(_read_tail(run_dir / "train.log")).items():
         setattr(result, key, value)
+    if result.total_tokens_M and train.wall_seconds > 0:
+        result.tokens_per_s = round(result.total_tokens_M * 1e6 / train.wall_seconds, 1)
     if train.reason != "ok":
         result.status, result.reason = _failure(train, hard_kill)
     elif eval_data_digest(data_dir) != data_digest:

@@ -51,6 +51,7 @@ from sandbox.progress import (
     read_tail,
     restore_name,
 )
+from sandbox.share import ShareWatch
 
 MB = 2**20
 POLL_SECONDS = 0.2
@@ -111,6 +112,7 @@ class RunResult:
     last_progress: Progress | None = None
     isolation: str = "none"  # confine.Support.level as applied to this job
     isolation_note: str = ""
+    cpu_share: float | None = None  # the share of its cores other processes left it (share.py)
 
 
 def job_env(extra: dict[str, str]) -> dict[str, str]:
@@ -254,6 +256,7 @@ class _Watch:
         self.dropped = 0
         self.last_progress: Progress | None = None
         self.ended = started
+        self.share = ShareWatch()
 
     def until_exit(self) -> None:
         deadline = self.started + self.limits.wall_seconds
@@ -288,6 +291,7 @@ class _Watch:
             return "interrupted", "stopped by ar", TERM_GRACE_SECONDS
         members = self.tree.refresh()
         self.tree.reap()
+        self.share.sample(members)
         if members != self.members:
             self.members = members
             self._record()
@@ -378,7 +382,7 @@ class _Watch:
             log_tail=read_tail(self.log_fd), note="; ".join(self.notes),
             peak_processes=self.peak_processes, log_dropped_mb=round(self.dropped / MB, 1),
             last_progress=self.last_progress, isolation=applied.level,
-            isolation_note=applied.note,
+            isolation_note=applied.note, cpu_share=self.share.share(),
         )  # fmt: skip
 
     def close(self) -> None:

@@ -65,6 +65,8 @@ class ExperimentResult:
     peak_rss_mb: float | None = None
     peak_vram_mb: float | None = None
     gpu_util_percent: float | None = None
+    cpu_share: float | None = None  # of its cores' time, what other processes left the job
+    tokens_per_s: float | None = None  # training throughput (tokens from train.py's summary)
     mfu_percent: float | None = None
     num_steps: float | None = None
     num_params_M: float | None = None

@@ -68,13 +68,22 @@ def micro_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def micro_ws(tmp_path, micro_data, monkeypatch):
-    """A fresh micro-profile workspace with its data prepared; the cwd is the workspace."""
+def micro_ws(tmp_path, micro_data, monkeypatch, request):
+    """A fresh micro-profile workspace with its data prepared; the cwd is the workspace.
+
+    Its keep rule is one-run (one run decides) and no run counts as disturbed, so that
+    tests of the loop's mechanics run no noise measurements and no reruns on a busy test
+    machine; tests marked `sequential` get ar's defaults."""
     import shutil
 
-    from autoresearch_cli import workspace
+    from autoresearch_cli import config, gitops, workspace
 
     ws = workspace.init(tmp_path / "ws", profile="micro", tag="test")
+    if request.node.get_closest_marker("sequential") is None:
+        settings = config.load(ws.root / config.CONFIG_NAME)
+        settings["keep"].update(rule="one-run", min_share=0.0, min_throughput=0.0)
+        config.write(ws.root / config.CONFIG_NAME, settings)
+        gitops.commit_all(ws.root, "tests: one run decides")
     shutil.copytree(micro_data, ws.data_dir)
     monkeypatch.chdir(ws.root)
     return ws

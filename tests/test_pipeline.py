@@ -1,58 +1,12 @@
-"""The rules of one experiment, as tables: keep or discard, the threshold, repairs, validation."""
+"""The rules of one experiment, as tables: repairs, validation (the keep rule: test_keeprule.py)."""
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import pytest
 
-from autoresearch_cli.pipeline import DISCARD, KEEP, decide, min_delta, should_repair, validate
-
-
-@pytest.mark.parametrize(
-    ("status", "val_bpb", "best_bpb", "threshold", "expected"),
-    [
-        # beats the best by more than the threshold
-        ("ok", 1.90, 2.00, 0.0, KEEP),
-        ("ok", 1.90, 2.00, 0.05, KEEP),
-        # within the threshold, or exactly on it: not enough
-        ("ok", 1.96, 2.00, 0.05, DISCARD),
-        ("ok", 1.95, 2.00, 0.05, DISCARD),
-        # a tie with the best is a discard, with or without a threshold
-        ("ok", 2.00, 2.00, 0.0, DISCARD),
-        # worse
-        ("ok", 2.10, 2.00, 0.0, DISCARD),
-        # no best to beat (no baseline, or the parent crashed): any score is kept
-        ("ok", 2.10, None, 0.0, KEEP),
-        ("ok", 9.99, None, 0.5, KEEP),
-        # a failed run has no score: no decision, whatever the best
-        ("crash", None, 2.00, 0.0, None),
-        ("timeout", None, None, 0.0, None),
-        ("oom", None, 2.00, 0.0, None),
-        ("invalid", None, 2.00, 0.0, None),
-        # an ok status without a finite score cannot be compared
-        ("ok", None, 2.00, 0.0, None),
-        ("ok", math.nan, 2.00, 0.0, None),
-        ("ok", math.inf, 2.00, 0.0, None),
-    ],
-)
-def test_the_keep_rule(status, val_bpb, best_bpb, threshold, expected):
-    assert decide(status, val_bpb, best_bpb, threshold) == expected
-
-
-@pytest.mark.parametrize(
-    ("configured", "std", "runs", "expected"),
-    [
-        (0.01, 0.5, 5, 0.01),  # a value in ar.toml wins
-        (0.0, 0.5, 5, 0.0),
-        (-1.0, 0.02, 2, 0.04),  # negative: twice the std of the baseline repeats
-        (-1.0, 0.02, 5, 0.04),
-        (-1.0, None, 1, 0.0),  # one baseline run measures no noise
-        (-1.0, None, 0, 0.0),  # no baseline at all
-    ],
-)
-def test_the_threshold(configured, std, runs, expected):
-    assert min_delta(configured, std, runs) == pytest.approx(expected)
+from autoresearch_cli.pipeline import should_repair, validate
 
 
 @pytest.mark.parametrize(
@@ -88,3 +42,29 @@ GOOD = "def build_model(config):\n    pass\n\nprepare.save_for_eval(None, None)\
 def test_validation(train_py, reason):
     found = validate(train_py, GOOD)
     assert (found is None) if reason is None else (reason in found)
+
+
+TEMPLATE = (Path(__file__).resolve().parents[1] / "workspace_template" / "train.py").read_text()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "research"),
+    [
+        # ar owns the seed: changing it, or hard-coding one, is luck, not research
+        ("torch.manual_seed(prepare.SEED)", "torch.manual_seed(1234)", False),
+        ("torch.cuda.manual_seed(prepare.SEED)", "torch.cuda.manual_seed(7)", False),
+        # comments and what is printed change nothing a score depends on
+        ("# ar gives each run its seed", "# a better comment", False),
+        ('print(f"Model config: {config}")', 'print("config", config)', False),
+        # a constant of the model or the optimiser is research
+        ("MATRIX_LR = ", "MATRIX_LR = 1.5 * ", True),
+        ("DEPTH = ", "DEPTH = 1 + ", True),
+    ],
+)
+def test_seed_and_other_non_research_changes_are_rejected(old, new, research):
+    assert old in TEMPLATE
+    reason = validate(TEMPLATE.replace(old, new, 1), TEMPLATE)
+    if research:
+        assert reason is None
+    else:
+        assert "nothing to research" in reason

@@ -102,3 +102,26 @@ def test_plot_errors_are_clear(ledger, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(ArError, match=r"pip install 'ar\[plot\]'"):
         report.plot_progress(ledger.experiments(), tmp_path / "progress.png")
+
+
+def test_the_best_chain_shows_the_evidence_of_each_keep(ledger):
+    """Runs, mean, spread and the test's outcome per kept step; the noise per hardware."""
+    from autoresearch_cli.keeprule import Noise, Rule, judge
+
+    for value in (1.02, 0.99):  # the baseline re-measured twice
+        add(ledger, None, "a", value, decision=None, kind="remeasure", description="re-measure")
+    for value in (0.96, 0.94):  # #5 confirmed by two more runs
+        add(ledger, "b", "e", value, decision=None, kind="confirmation", description="confirm")
+    tested = judge((0.95, 0.96, 0.94), (0.98,), Noise(0.01, 3, 2), Rule())
+    ledger.update(5, evidence=json.dumps(tested.as_dict()))
+    rows = ledger.experiments()
+    chain = report.best_chain(rows, ledger.best())
+    baseline, _, best = chain
+    assert (baseline["runs"], baseline["val_bpb"]) == (3, pytest.approx(1.0033, abs=1e-4))
+    assert (best["runs"], best["val_bpb"], best["spread"]) == (3, pytest.approx(0.95),
+                                                               pytest.approx(0.01))
+    assert best["test"].startswith("p=") and "3 run(s)" in best["test"]
+    assert report.outcome(rows[-1]) == "confirmation" and report.outcome(rows[5]) == "remeasure"
+    (line,) = report.noise_lines(rows)
+    assert "4 degrees of freedom" in line and "2 commit(s)" in line
+    Console(file=sys.stdout).print(report.render_best_chain(chain))

@@ -5,7 +5,7 @@ saving the weights for the trusted evaluation. Never edited by agents.
 The data comes from `ar prepare` (.ar/data); the evaluation code lives outside the
 workspace, so nothing here can be changed to improve a score.
 
-    from prepare import MAX_SEQ_LEN, TIME_BUDGET, DEVICE, Tokenizer, make_dataloader, save_for_eval
+    from prepare import MAX_SEQ_LEN, TIME_BUDGET, DEVICE, SEED, Tokenizer, make_dataloader, save_for_eval
 """
 
 import json
@@ -59,6 +59,9 @@ _PROFILE = _read_profile()
 VOCAB_SIZE = int(_PROFILE["vocab_size"])  # tokenizer vocabulary, <|bos|> included
 MAX_SEQ_LEN = int(_PROFILE["max_seq_len"])  # context length of training and evaluation
 TIME_BUDGET = float(os.environ.get("AR_TIME_BUDGET") or _PROFILE["time_budget"])  # training seconds
+# The run's seed, given by ar (every run of an experiment gets its own): seeds the weights
+# and the order of the training data. ar owns it: proposals never change it.
+SEED = int(os.environ.get("AR_SEED", "0"))
 EVAL_TOKENS = int(_PROFILE["eval_tokens"])  # validation tokens the trusted evaluation scores
 DEVICE = _resolve_device(os.environ.get("AR_DEVICE") or _PROFILE["device"])  # "cpu" or "cuda"
 DATA_DIR = _find_data_dir()
@@ -141,7 +144,7 @@ def _document_starts(tokens, bos_id, chunk=1 << 24):
     return np.concatenate(starts).astype(np.int64)
 
 
-def make_dataloader(tokenizer, batch_size, seq_len, device=DEVICE, seed=0):
+def make_dataloader(tokenizer, batch_size, seq_len, device=DEVICE, seed=None):
     """
     Endless (inputs, targets, epoch) batches from train.bin; inputs and targets are int64
     [batch_size, seq_len] on `device`, targets the inputs shifted by one token.
@@ -163,7 +166,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, device=DEVICE, seed=0):
     rows_per_epoch = len(tokens) // seq_len
     if rows_per_epoch < batch_size:
         raise ValueError(f"train.bin has {len(tokens)} tokens, fewer than one batch of {batch_size} rows of {seq_len}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(SEED if seed is None else seed)
     offsets = np.arange(seq_len, dtype=np.int64)
     pin = device == "cuda"
     epoch = 0

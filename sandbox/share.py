@@ -1,0 +1,84 @@
+"""The share of its cores a job got: how much of their time other processes left it.
+
+A time-budgeted score depends on the compute the run got. On a shared machine another
+process can take half the cores for part of a run, and the run then trains fewer steps
+and scores worse for a reason that has nothing to do with its code. The runner samples,
+while the job runs, the busy time of the cores the job may use (/proc/stat) and the CPU
+time of the job's own processes (/proc/PID/stat); what other processes took is the
+difference. share = 1 - others / (cores x wall): 1.0 on a quiet machine whatever the
+job's thread count, about 0.5 when a busy process held one of two cores throughout.
+
+Only the kernel's counters are read: nothing the job prints or writes enters the figure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+MIN_WINDOW_S = 1.0  # shorter jobs get no share: the counters tick at 10 ms
+
+
+def _job_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process (all its threads), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split(b" ")
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _busy_seconds(cpus: list[int]) -> float:
+    """Time the given cores spent on anything but idling (steal included: a hypervisor
+    that took the core also took it from the job)."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    busy = 0.0
+    for cpu in cpus:
+        if cpu < len(per_cpu):
+            t = per_cpu[cpu]
+            busy += (t.user + t.nice + t.system + getattr(t, "irq", 0.0)
+                     + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
+    return busy
+
+
+class ShareWatch:
+    """Samples taken at the runner's polls; `share()` at the end."""
+
+    def __init__(self) -> None:
+        try:
+            self.cpus = sorted(os.sched_getaffinity(0))  # the job inherits this set
+        except AttributeError:
+            self.cpus = list(range(os.cpu_count() or 1))
+        self.available = os.path.isdir("/proc/self")
+        self.job: dict[int, float] = {}  # pid -> its latest CPU seconds (kept once gone)
+        self.first: tuple[float, float, float] | None = None  # (monotonic, busy, job)
+        self.last: tuple[float, float, float] | None = None
+
+    def sample(self, members) -> None:
+        if not self.available:
+            return
+        for pid in members:
+            seconds = _job_cpu_seconds(pid)
+            if seconds is not None:
+                self.job[pid] = seconds
+        point = (time.monotonic(), _busy_seconds(self.cpus), sum(self.job.values()))
+        if self.first is None:
+            self.first = point
+        self.last = point
+
+    def share(self) -> float | None:
+        """1 - (others' busy time) / (cores x wall) over the sampled window; None when
+        too short to say."""
+        if self.first is None or self.last is None:
+            return None
+        wall = self.last[0] - self.first[0]
+        if wall < MIN_WINDOW_S:
+            return None
+        others = (self.last[1] - self.first[1]) - (self.last[2] - self.first[2])
+        taken = others / (len(self.cpus) * wall)
+        return round(min(1.0, max(0.0, 1.0 - taken)), 3)
