@@ -169,6 +169,19 @@ class Disturbance:
     min_throughput: float = 0.7  # of the same code's median tokens/s on the same hardware
     retries: int = 2  # runs again of one disturbed run at most
 
+    @classmethod
+    def from_config(cls, keep: dict[str, Any]) -> Disturbance:
+        return cls(float(keep["min_share"]), float(keep["min_throughput"]),
+                   int(keep["disturbed_retries"]))
+
+
+def run_disturbance(result: dict[str, Any], same_code_tokens_per_s: Sequence[float],
+                    limits: Disturbance) -> str | None:
+    """`disturbed` for one result.json. On a GPU the host's cores serve every GPU's job:
+    their share says little about the run's compute, so only throughput counts there."""
+    share = None if result.get("device") == "cuda" else result.get("cpu_share")
+    return disturbed(share, result.get("tokens_per_s"), same_code_tokens_per_s, limits)
+
 
 def disturbed(cpu_share: float | None, tokens_per_s: float | None,
               same_code_tokens_per_s: Sequence[float], limits: Disturbance) -> str | None:

@@ -357,7 +357,7 @@ class Scheduler:
             return  # the next free slot measures again
         self.repairs.appendleft(dataclasses.replace(
             task, sha=candidate.sha, again_of=candidate.exp_id, retries=task.retries + 1,
-            description=f"{candidate.description} (again: #{candidate.exp_id} was disturbed)"))
+            description=f"{_base(candidate.description)} (again: #{candidate.exp_id} was disturbed)"))
 
     def _interrupted(self, candidate: Candidate, reason: str, requeue: bool) -> None:
         """A run lost to the machine (a cluster node died): its row says why, and it runs
@@ -373,7 +373,7 @@ class Scheduler:
         if requeue and not task.requeued:
             self.repairs.appendleft(dataclasses.replace(
                 task, sha=candidate.sha, again_of=candidate.exp_id, requeued=True,
-                description=f"{candidate.description} (again: #{candidate.exp_id} was interrupted)"))
+                description=f"{_base(candidate.description)} (again: #{candidate.exp_id} was interrupted)"))
 
     def _unmeasured(self, slot_class: str) -> bool:
         """Whether runs of the tip on `slot_class` the keep test needs are still to come."""
@@ -448,6 +448,11 @@ class Scheduler:
             pipeline.interrupt(self.current, None, self.proposing, reason)
             worktree = self.current.ws.worktrees_dir / str(self.proposing)
             gitops.worktree_remove(self.current.ws.root, worktree)
+
+
+def _base(description: str) -> str:
+    """A run's description without the notes of earlier runs of it."""
+    return description.split(" (again: #")[0]
 
 
 def revert(current: Session, sha: str) -> tuple[str, str]:

@@ -387,14 +387,9 @@ def disturbance(current: Session, candidate: Candidate, result: Result) -> str |
     """Why `result` cannot be judged (the run got too little of the machine), or None."""
     if result.status not in ("ok", "timeout"):
         return None
-    keep = current.config["keep"]
-    limits = keeprule.Disturbance(float(keep["min_share"]), float(keep["min_throughput"]),
-                                  int(keep["disturbed_retries"]))
     same_code = current.ledger.runs_of(candidate.sha, candidate.slot_class, "tokens_per_s")
-    # On a GPU the host's cores serve every GPU's job: their share says little about the
-    # run's compute, so only its throughput against the same code's counts there.
-    share = None if result.details.get("device") == "cuda" else result.details.get("cpu_share")
-    return keeprule.disturbed(share, result.details.get("tokens_per_s"), same_code, limits)
+    return keeprule.run_disturbance(result.details, same_code,
+                                    keeprule.Disturbance.from_config(current.config["keep"]))
 
 
 def interrupt(current: Session, candidate: Candidate | None, exp_id: int,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli import gitops
+from autoresearch_cli import gitops, keeprule
 from autoresearch_cli.errors import ArError, DataError
 from autoresearch_cli.ledger import Ledger
 from autoresearch_cli.lock import ExperimentLock, lock_path
@@ -244,7 +244,10 @@ def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> Ba
     tip = current.ws.tip()
     slot_class = machine_class(current.config["profile"].get("device", "auto"))
     summary = BaselineSummary(sha=tip, results=[])
-    for index in range(repeat):
+    limits = keeprule.Disturbance.from_config(current.config["keep"])
+    retries = 0
+    index = 0
+    while index < repeat:
         exp_id = current.ledger.start_experiment(
             "baseline", parent_sha=tip, description="baseline", agent=None,
             status="running", branch=current.ws.branch,
@@ -257,9 +260,21 @@ def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> Ba
         except KeyboardInterrupt:
             mark_interrupted(current, exp_id)
             raise
+        disturbed = result["status"] in ("ok", "timeout") and keeprule.run_disturbance(
+            result, current.ledger.runs_of(tip, slot_class, "tokens_per_s"), limits)
+        if disturbed and retries < limits.retries:  # set aside, never counted: run again
+            retries += 1
+            result = dict(result, status="disturbed", reason=disturbed)
+            current.ledger.finish(exp_id, "disturbed", None, result, sha=tip)
+            current.ledger.add_event("disturbed", tip, f"experiment #{exp_id}: {disturbed}")
+            current.export()
+            on_event("done", exp_id=exp_id, result=dict(result, val_bpb=None), decision=None,
+                     baseline=True)
+            continue
         decision = "keep" if result["status"] == "ok" else None
         current.ledger.finish(exp_id, result["status"], decision, result, sha=tip)
         current.export()
         summary.results.append(result)
         on_event("done", exp_id=exp_id, result=result, decision=decision, baseline=True)
+        index += 1
     return summary

@@ -226,11 +226,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--busy-on", type=float, default=90.0, help="seconds the competitor runs")
     parser.add_argument("--phase", choices=("quiet", "busy", "both"), default="both")
+    parser.add_argument("--workdir", type=Path, help="keep the workspaces here (default: a temp dir)")
     args = parser.parse_args()
     os.environ.setdefault("GIT_CONFIG_GLOBAL", os.devnull)
     print(f"cpu profile, budget {args.budget} s, {args.experiments} random-agent experiments, "
           f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="ar-bench-keep-") as tmp:
+        tmp = args.workdir or tmp
         data = None
         if args.phase in ("quiet", "both"):
             ws = quiet(args, Path(tmp) / "quiet", None)

@@ -191,3 +191,13 @@ def test_a_candidate_waiting_for_confirmation_when_ar_stopped_gets_it_next_time(
     assert a["decision"] == "keep" and evidence(a)["runs"][0] == 1.975
     resumed = [row for row in experiments(session) if "(resumed)" in (row["description"] or "")]
     assert resumed and resumed[0]["kind"] == "confirmation" and resumed[0]["sha"] == a["sha"]
+
+
+def test_a_disturbed_baseline_run_is_set_aside_and_run_again(session, monkeypatch):
+    answers = [dict(ok(1.7), cpu_share=0.4), dict(ok(2.0), cpu_share=0.98)]
+    monkeypatch.setattr(runs, "evaluate_commit", lambda *args, **kwargs: answers.pop(0))
+    summary = runs.run_baseline(session, 1)
+    assert summary.values == [2.0]
+    first, again = session.ledger.experiments()[-2:]
+    assert (first["status"], first["decision"]) == ("disturbed", None)
+    assert (again["status"], again["decision"], again["val_bpb"]) == ("ok", "keep", 2.0)
