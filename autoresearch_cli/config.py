@@ -84,7 +84,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "rule": "sequential",
         "level": 0.05,  # the chance of keeping a change that is no better, at most
         "max_runs": 3,  # runs of one candidate at most (the first and its confirmations)
-        "noise_runs": 3,  # runs of the first baseline, with different seeds: the noise
+        "noise_runs": 5,  # runs of the first baseline, with different seeds: the noise
         "best_runs": 2,  # runs of each new best (re-measures), so the best is a mean
         "min_delta": -1.0,  # least improvement worth keeping; < 0: 0 (one-run: 2x baseline std)
         # A run that other processes left less than min_share of its cores, or that ran the

@@ -84,8 +84,13 @@ def iterate(current: Session, agent: Agent, agent_name: str, n: int | None,
         pool = LocalWorkers(slots)
     else:
         raise ArError(f"unknown backend {backend!r}: choose local or ray")
-    ensure_baseline(current, on_event)
-    return Scheduler(current, agent, agent_name, n, slots, on_event, pool=pool).run()
+    try:
+        ensure_baseline(current, on_event)
+        return Scheduler(current, agent, agent_name, n, slots, on_event, pool=pool).run()
+    finally:
+        close = getattr(pool, "close", None)  # a cluster's slots are given back at once
+        if close is not None:
+            close()
 
 
 @dataclass
