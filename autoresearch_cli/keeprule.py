@@ -141,9 +141,11 @@ def judge(runs: Sequence[float], best_runs: Sequence[float], measured: Noise,
     if len(runs) >= rule.max_runs:
         return Judgement(DISCARD, f"discarded: {vs}, not shown better after {len(runs)} runs: "
                          f"{test}", **base)
-    # Futility: even max_runs runs at this mean would not pass.
+    # Futility: even max_runs runs at this mean would not pass (those runs would add their
+    # degrees of freedom to the noise's).
     se_at_most = sigma * math.sqrt(1 / rule.max_runs + 1 / len(best_runs))
-    if float(student_t.sf((gain - rule.min_delta) / se_at_most, measured.df)) >= level:
+    df_at_most = measured.df + rule.max_runs - len(runs)
+    if float(student_t.sf((gain - rule.min_delta) / se_at_most, df_at_most)) >= level:
         return Judgement(DISCARD, f"discarded: {vs}, too small to show with {rule.max_runs} "
                          f"runs: {test}", **base)
     return Judgement(CONFIRM, f"needs another run: {vs}, {test}", **base)
