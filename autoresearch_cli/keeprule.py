@@ -167,7 +167,7 @@ def _vs(mean: float, best: float, runs: int, best_runs: int) -> str:
 class Disturbance:
     """[runs] thresholds: below them a run is set aside and run again."""
 
-    min_share: float = 0.8  # of its cores' time, what other processes must leave the job
+    min_share: float = 0.9  # of its cores' time, what other processes must leave the job
     min_throughput: float = 0.7  # of the same code's median tokens/s on the same hardware
     retries: int = 2  # runs again of one disturbed run at most
 

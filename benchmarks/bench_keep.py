@@ -182,7 +182,7 @@ def busy(args, root: Path, data: Path | None) -> None:
     thread = threading.Thread(target=compete, daemon=True)
     thread.start()
     try:
-        wall = iterate(ws, args.experiments, args.seed)
+        wall = iterate(ws, args.busy_experiments or args.experiments, args.seed)
     finally:
         stop.set()
         thread.join()
@@ -207,7 +207,7 @@ def busy(args, root: Path, data: Path | None) -> None:
         elif not hit and row["cpu_share"] is not None:
             quiet_shares.append(row["cpu_share"])
     trained, one_run = cost(rows)
-    print(f"busy: {args.experiments} experiments in {wall / 60:.1f} min, a busy process on for "
+    print(f"busy: {args.busy_experiments or args.experiments} experiments in {wall / 60:.1f} min, a busy process on for "
           f"{busy_s / max(wall, 1):.0%} of the time; {trained} runs trained (one run deciding: {one_run})")
     print(f"  runs that overlapped the busy process: {trained_busy}; set aside as disturbed: "
           f"{set_aside} ({len(false_alarms)} without overlap, their shares {false_alarms})")
@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60, help="training seconds (cpu profile: 60)")
     parser.add_argument("--experiments", type=int, default=30)
     parser.add_argument("--reruns", type=int, default=3)
+    parser.add_argument("--busy-experiments", type=int, help="experiments of the busy phase "
+                        "(default: --experiments)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--busy-on", type=float, default=90.0, help="seconds the competitor runs")
     parser.add_argument("--phase", choices=("quiet", "busy", "both"), default="both")
