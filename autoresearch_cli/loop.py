@@ -24,6 +24,7 @@ from autoresearch_cli.runs import (
     Session,
     _quiet,
     add_worktree,
+    disturbance,
     experiment_spec,
     require_data,
     run_baseline,
@@ -330,7 +331,8 @@ class Scheduler:
             self.suspects.setdefault(other, []).extend(moved)
         tampered = moved + self.suspects.pop(ended.exp_id, [])
         result = pipeline.check(self.current, candidate, ended.result, tampered)
-        disturbed = pipeline.disturbance(self.current, candidate, result)
+        disturbed = disturbance(self.current, result.details, candidate.sha,
+                                candidate.slot_class)
         if disturbed:
             self._set_aside(candidate, result, disturbed)
             return

@@ -383,15 +383,6 @@ def set_aside(current: Session, candidate: Candidate, result: Result, reason: st
     gitops.worktree_remove(current.ws.root, candidate.worktree)
 
 
-def disturbance(current: Session, candidate: Candidate, result: Result) -> str | None:
-    """Why `result` cannot be judged (the run got too little of the machine), or None."""
-    if result.status not in ("ok", "timeout"):
-        return None
-    same_code = current.ledger.runs_of(candidate.sha, candidate.slot_class, "tokens_per_s")
-    return keeprule.run_disturbance(result.details, same_code,
-                                    keeprule.Disturbance.from_config(current.config["keep"]))
-
-
 def interrupt(current: Session, candidate: Candidate | None, exp_id: int,
               reason: str = "interrupted by the user") -> None:
     """An experiment stopped before its end: its row says why, its worktree goes."""

@@ -236,6 +236,16 @@ class BaselineSummary:
         return statistics.stdev(self.values) if len(self.values) >= 2 else None
 
 
+def disturbance(current: Session, result: dict[str, Any], sha: str, slot_class: str) -> str | None:
+    """Why a run of `sha` got too little of the machine to be judged (keeprule's rule, with
+    ar.toml's thresholds and the same commit's earlier throughput there), or None."""
+    if result.get("status") not in ("ok", "timeout"):
+        return None
+    same_code = current.ledger.runs_of(sha, slot_class, "tokens_per_s")
+    return keeprule.run_disturbance(result, same_code,
+                                    keeprule.Disturbance.from_config(current.config["keep"]))
+
+
 def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> BaselineSummary:
     """Train and evaluate the branch tip `repeat` times, each run a ledger row."""
     require_data(current.ws)
@@ -260,8 +270,7 @@ def run_baseline(current: Session, repeat: int, on_event: Events = _quiet) -> Ba
         except KeyboardInterrupt:
             mark_interrupted(current, exp_id)
             raise
-        disturbed = result["status"] in ("ok", "timeout") and keeprule.run_disturbance(
-            result, current.ledger.runs_of(tip, slot_class, "tokens_per_s"), limits)
+        disturbed = disturbance(current, result, tip, slot_class)
         if disturbed and retries < limits.retries:  # set aside, never counted: run again
             retries += 1
             result = dict(result, status="disturbed", reason=disturbed)

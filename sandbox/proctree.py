@@ -30,6 +30,7 @@ PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 HAVE_PROC = os.path.isdir("/proc/self")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 KILL_ROUNDS_SECONDS = 5.0  # SIGKILL rounds stop after this long (a process stuck in the kernel)
 
 
@@ -39,6 +40,7 @@ class Stat(NamedTuple):
     sid: int
     state: str  # R, S, D, Z, ...
     started: int  # clock ticks after boot; with the pid, names one process for good
+    cpu_ticks: int = 0  # user + system time so far, all threads (clock ticks)
 
 
 def set_subreaper(enabled: bool) -> bool:
@@ -71,8 +73,10 @@ def read_stat(pid: int) -> Stat | None:
         try:
             proc = psutil.Process(pid)
             started = int(proc.create_time() * 100)
+            times = proc.cpu_times()
             return Stat(
-                proc.ppid(), os.getpgid(pid), os.getsid(pid), proc.status()[:1].upper(), started
+                proc.ppid(), os.getpgid(pid), os.getsid(pid), proc.status()[:1].upper(), started,
+                int((times.user + times.system) * CLOCK_TICKS),
             )
         except (psutil.Error, OSError):
             return None
@@ -86,7 +90,8 @@ def read_stat(pid: int) -> Stat | None:
         return None
     # The command name may hold spaces and parentheses: the fields start after the last ')'.
     fields = data[data.rfind(b")") + 2 :].split(b" ", 20)
-    return Stat(int(fields[1]), int(fields[2]), int(fields[3]), fields[0].decode(), int(fields[19]))
+    return Stat(int(fields[1]), int(fields[2]), int(fields[3]), fields[0].decode(), int(fields[19]),
+                int(fields[11]) + int(fields[12]))
 
 
 def _pids() -> set[int]:

@@ -291,7 +291,7 @@ class _Watch:
             return "interrupted", "stopped by ar", TERM_GRACE_SECONDS
         members = self.tree.refresh()
         self.tree.reap()
-        self.share.sample(members)
+        self.share.sample(self.tree.stats)
         if members != self.members:
             self.members = members
             self._record()

@@ -4,7 +4,7 @@ A time-budgeted score depends on the compute the run got. On a shared machine an
 process can take half the cores for part of a run, and the run then trains fewer steps
 and scores worse for a reason that has nothing to do with its code. The runner samples,
 while the job runs, the busy time of the cores the job may use (/proc/stat) and the CPU
-time of the job's own processes (/proc/PID/stat); what other processes took is the
+time of the job's own processes (proctree's /proc/PID/stat reads); what others took is the
 difference. share = 1 - others / (cores x wall): 1.0 on a quiet machine whatever the
 job's thread count, about 0.5 when a busy process held one of two cores throughout.
 
@@ -18,19 +18,9 @@ import time
 
 import psutil
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+from sandbox.proctree import CLOCK_TICKS, Stat
+
 MIN_WINDOW_S = 1.0  # shorter jobs get no share: the counters tick at 10 ms
-
-
-def _job_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of one process (all its threads), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split(b" ")
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _busy_seconds(cpus: list[int]) -> float:
@@ -59,13 +49,12 @@ class ShareWatch:
         self.first: tuple[float, float, float] | None = None  # (monotonic, busy, job)
         self.last: tuple[float, float, float] | None = None
 
-    def sample(self, members) -> None:
+    def sample(self, stats: dict[int, Stat]) -> None:
+        """One sample; `stats` is the job tree's (ProcTree.stats, refreshed this poll)."""
         if not self.available:
             return
-        for pid in members:
-            seconds = _job_cpu_seconds(pid)
-            if seconds is not None:
-                self.job[pid] = seconds
+        for pid, stat in stats.items():
+            self.job[pid] = stat.cpu_ticks / CLOCK_TICKS
         point = (time.monotonic(), _busy_seconds(self.cpus), sum(self.job.values()))
         if self.first is None:
             self.first = point
