@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +25,28 @@ _state: dict[str, Path | None] = {"directory": None}
 
 
 def _err(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {clean(message)}", fg=typer.colors.RED, err=True)
+
+
+def clean(text: str) -> str:
+    """Text a run or a model wrote, safe for a terminal: no control characters."""
+    from autoresearch_cli.doors.text import printable
+
+    return printable(text)
+
+
+@contextmanager
+def _run(interrupted: str = "interrupted") -> Iterator[None]:
+    """The one place where an expected failure becomes a red line and an exit code: an
+    ArError exits 1, Ctrl-C (or SIGTERM, SIGHUP) 130, with no traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _err(interrupted)
+        raise typer.Exit(130) from None
+    except ArError as exc:
+        _err(str(exc))
+        raise typer.Exit(1) from None
 
 
 def _version(value: bool) -> None:
@@ -49,7 +72,7 @@ def main_callback(
 
 
 def _workspace():
-    from autoresearch_cli import workspace
+    from autoresearch_cli.doors import workspace
 
     return workspace.find(_state["directory"])
 
@@ -62,22 +85,17 @@ def init(
     budget: Annotated[int | None, typer.Option(help="Training seconds per experiment (default: the profile's).")] = None,
 ) -> None:
     """Create a workspace: a git repo with train.py, prepare.py, program.md and ar.toml."""
-    from autoresearch_cli import workspace
+    from autoresearch_cli.doors import workspace
 
     base = _state["directory"] or Path.cwd()
     target = directory if directory.is_absolute() else base / directory
-    try:
+    with _run():
         ws = workspace.init(target, profile=profile, tag=tag, budget=budget)
-        cfg = ws.config()
-    except ArError as exc:
-        _err(str(exc))
-        raise typer.Exit(1) from None
-    p = cfg["profile"]
-    typer.echo(f"Created workspace {ws.root} on branch {cfg['workspace']['branch']}")
-    typer.echo(
-        f"  profile {p['name']}: vocab {p['vocab_size']}, context {p['max_seq_len']}, "
-        f"budget {p['time_budget']} s, eval {p['eval_tokens']:,} tokens"
-    )
+        settings = ws.settings()
+    p = settings.profile
+    typer.echo(f"Created workspace {ws.root} on branch {settings.branch}")
+    typer.echo(f"  profile {p.name}: vocab {p.vocab_size}, context {p.max_seq_len}, "
+               f"budget {p.time_budget} s, eval {p.eval_tokens:,} tokens")
     typer.echo(f"Next: cd {ws.root} && ar prepare")
 
 
@@ -87,23 +105,17 @@ def prepare(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the data matches.")] = False,
 ) -> None:
     """Train the tokenizer and write train/val/holdout token files into .ar/data."""
-    from autoresearch_cli import data
+    from autoresearch_cli.doors import data
 
-    try:
+    with _run():
         ws = _workspace()
-        cfg = ws.config()
+        settings = ws.settings()
         report = data.prepare_data(
-            ws.data_dir,
-            source=source or cfg["data"]["source"],
-            vocab_size=int(cfg["profile"]["vocab_size"]),
-            val_percent=int(cfg["data"]["val_percent"]),
-            holdout_percent=int(cfg["data"]["holdout_percent"]),
-            force=force,
+            ws.data_dir, source=source or settings.data.source,
+            vocab_size=int(settings.profile.vocab_size), val_percent=int(settings.data.val_percent),
+            holdout_percent=int(settings.data.holdout_percent), force=force,
             on_progress=lambda msg: typer.echo(f"  {msg}", err=True),
         )
-    except ArError as exc:
-        _err(str(exc))
-        raise typer.Exit(1) from None
     m = report.manifest
     if report.skipped:
         typer.echo(f"Data for {m['source']} is up to date in {report.data_dir} (use --force to rebuild)")
@@ -114,22 +126,25 @@ def prepare(
 
 
 def _session(command: str):
-    from autoresearch_cli import runs
+    from autoresearch_cli.research import session
 
-    return runs.session(_workspace(), command)
+    return session.session(_workspace(), command)
 
 
 def _report_recovered(current) -> None:
-    for row in current.recovered:
+    for run in current.recovered:
         typer.secho(
-            f"note: experiment #{row['id']} was interrupted (its ar process ended); marked interrupted and cleaned up",
+            f"note: experiment #{run.id} was interrupted (its ar process ended); marked interrupted and cleaned up",
             fg=typer.colors.YELLOW, err=True,
         )
 
 
-def _check_confinement(current, untrusted_code: bool, allowed: bool) -> None:
+def _check_confinement(current, model_backed: bool, allowed: bool) -> None:
     """Say once per command when the kernel cannot confine the candidate's code; refuse to
-    run model-written code then, unless the user named the risk."""
+    run model-written code then (the agent is model-backed, or a model wrote a commit the
+    branch holds), unless the user named the risk."""
+    from autoresearch_cli.agents import model_backed as named_model_backed
+    from autoresearch_cli.research.loop import runs_model_code
     from sandbox.confine import support
 
     level = support()
@@ -138,7 +153,7 @@ def _check_confinement(current, untrusted_code: bool, allowed: bool) -> None:
     current.ledger.add_event("unconfined", None, level.note)
     typer.secho(f"warning: no confinement on this machine ({level.note}): train.py runs with "
                 "your user's access to files and processes", fg=typer.colors.YELLOW, err=True)
-    if untrusted_code and not allowed:
+    if not allowed and runs_model_code(current, model_backed, named_model_backed):
         raise ArError("refusing to run LLM-written train.py unconfined; pass --unsafe-unconfined "
                       "to accept that it can read and change anything your user can")
 
@@ -146,92 +161,98 @@ def _check_confinement(current, untrusted_code: bool, allowed: bool) -> None:
 def _display(current):
     from autoresearch_cli.display import Display
 
-    def baseline_mean():
-        mean, _, _ = current.ledger.baseline_stats()
-        return mean
+    def standing():
+        evidence = current.evidence()
+        return evidence.baseline(), evidence.best()
 
-    return Display(cost=lambda: current.ledger.total_cost().usd, baseline=baseline_mean)
+    return Display(cost=lambda: current.ledger.total_cost().usd, standing=standing)
+
+
+BackendOption = Annotated[str, typer.Option(
+    help="local: runs in processes on this machine; ray: on a Ray cluster (pip install 'ar[ray]').")]
+AddressOption = Annotated[str | None, typer.Option(
+    help="The Ray cluster to use (e.g. 10.0.0.1:6379; default: RAY_ADDRESS, else start one on "
+         "this machine). Only with --backend ray.")]
+WorkersOption = Annotated[int | None, typer.Option(
+    help="Runs at once (default: one per visible GPU; one on CPU, where up to one per core is "
+         "allowed, each worker getting its share of the cores).", min=1)]
+UnconfinedOption = Annotated[bool, typer.Option(
+    "--unsafe-unconfined",
+    help="Run LLM-written train.py even where the kernel cannot confine it: it then runs with "
+         "all of your user's access (files, keys, network).")]
+
+
+def _check_backend(backend: str, address: str | None) -> None:
+    from autoresearch_cli.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        _err(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise typer.Exit(2)
+    if address is not None and backend != "ray":
+        _err("--address names a Ray cluster: use it with --backend ray")
+        raise typer.Exit(2)
 
 
 @app.command()
 def baseline(
     repeat: Annotated[int, typer.Option(help="Number of runs of the branch tip; >= 2 also measures noise.", min=1)] = 1,
+    backend: BackendOption = "local",
+    workers: WorkersOption = None,
+    address: AddressOption = None,
+    unsafe_unconfined: UnconfinedOption = False,
 ) -> None:
     """Train and evaluate the branch tip's train.py to set the baseline."""
-    from autoresearch_cli import runs
+    from autoresearch_cli.research import loop
 
-    try:
+    _check_backend(backend, address)
+    with _run("interrupted: the running jobs were killed and their runs marked interrupted"):
         with _session("ar baseline") as current:
             _report_recovered(current)
-            _check_confinement(current, untrusted_code=False, allowed=True)
+            _check_confinement(current, model_backed=False, allowed=unsafe_unconfined)
             with _display(current) as display:
-                summary = runs.run_baseline(current, repeat, display)
-    except KeyboardInterrupt:
-        _err("interrupted: the running job was killed and its run marked interrupted")
-        raise typer.Exit(130) from None
-    except ArError as exc:
-        _err(str(exc))
-        raise typer.Exit(1) from None
-    if summary.mean is None:
+                summary = loop.baseline(current, repeat, display, backend=backend,
+                                        workers=workers, address=address)
+    if summary.evidence is None or summary.evidence.mean is None:
         _err("no baseline run succeeded; see the reasons above and .ar/runs/<id>/train.log")
         raise typer.Exit(1)
-    spread = f" ± {summary.std:.6f} (std of {len(summary.values)} runs)" if summary.std is not None else ""
-    typer.echo(f"baseline val_bpb {summary.mean:.6f}{spread} at {summary.sha[:7]}")
+    spread = summary.evidence.std
+    std = f", std {spread:.6f} of {summary.evidence.n} runs" if spread is not None else ""
+    typer.echo(f"baseline val_bpb {summary.evidence.describe()}{std} at {summary.sha[:7]} on "
+               f"{summary.evidence.slot_class} (± is the 95% interval of the mean)")
 
 
 @app.command()
 def iterate(
     n: Annotated[int | None, typer.Option("--n", help="Number of experiments (default: until interrupted).", min=1)] = None,
-    agent: Annotated[str | None, typer.Option(help="llm or random (default: ar.toml's [agent] name).")] = None,
+    agent: Annotated[str | None, typer.Option(help="The agent (llm, random; default: ar.toml's [agent] name).")] = None,
     model: Annotated[str | None, typer.Option(help="litellm model string, e.g. anthropic/claude-sonnet-4-5.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop before an LLM call that would exceed this many USD.", min=0)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the random agent.")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="Experiments at once (default: one per visible GPU; one on CPU, where up to one "
-             "per core is allowed, each worker getting its share of the cores).", min=1)] = None,
-    backend: Annotated[str, typer.Option(
-        help="local: experiments in processes on this machine; ray: tasks on a Ray cluster "
-             "(pip install 'ar[ray]').")] = "local",
-    address: Annotated[str | None, typer.Option(
-        help="The Ray cluster to use (e.g. 10.0.0.1:6379; default: RAY_ADDRESS, else start one "
-             "on this machine). Only with --backend ray.")] = None,
-    unsafe_unconfined: Annotated[bool, typer.Option(
-        "--unsafe-unconfined",
-        help="Run LLM-written train.py even where the kernel cannot confine it: it then runs "
-             "with all of your user's access (files, keys, network).")] = False,
+    workers: WorkersOption = None,
+    backend: BackendOption = "local",
+    address: AddressOption = None,
+    unsafe_unconfined: UnconfinedOption = False,
 ) -> None:
     """Run the research loop: propose, train, evaluate, keep or discard."""
-    from autoresearch_cli import loop
-    from autoresearch_cli.agents import make_agent
+    from autoresearch_cli.agents import agent_name, make_agent
+    from autoresearch_cli.research import loop
 
-    if backend not in ("local", "ray"):
-        _err(f"unknown --backend {backend!r}: choose local or ray")
-        raise typer.Exit(2)
-    if address is not None and backend != "ray":
-        _err("--address names a Ray cluster: use it with --backend ray")
-        raise typer.Exit(2)
-    try:
+    _check_backend(backend, address)
+    with _run("interrupted: the running jobs were killed and their experiments marked interrupted"):
         with _session("ar iterate") as current:
             _report_recovered(current)
-            agent_config = dict(current.config["agent"])
-            if agent:
-                agent_config["name"] = agent
-            name = "llm" if (model or agent_config["name"] == "llm") else agent_config["name"]
-            _check_confinement(current, untrusted_code=name == "llm", allowed=unsafe_unconfined)
+            settings = current.settings.agent
+            name = agent_name(settings, agent, model)
             with _display(current) as display:
                 chosen = make_agent(
-                    agent_config, seed=seed, model=model, max_cost_usd=max_cost,
+                    settings, name=name, seed=seed, model=model, max_cost_usd=max_cost,
                     on_stream=lambda tokens, seconds: display("answering", tokens=tokens, seconds=seconds),
                 )  # each proposal's model calls are recorded against its experiment (pipeline)
+                _check_confinement(current, model_backed=chosen.model_backed,
+                                   allowed=unsafe_unconfined)
                 outcome = loop.iterate(current, chosen, name, n, display, workers=workers,
                                        backend=backend, address=address)
                 status = display.status_line()
-    except KeyboardInterrupt:
-        _err("interrupted: the running jobs were killed and their experiments marked interrupted")
-        raise typer.Exit(130) from None
-    except ArError as exc:
-        _err(str(exc))
-        raise typer.Exit(1) from None
     typer.echo(status)
     if outcome.stopped_because:
         _err(f"stopped: {outcome.stopped_because}")
@@ -245,53 +266,47 @@ def log(
     limit: Annotated[int | None, typer.Option(help="Show only the last N experiments.", min=1)] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the progress chart to this PNG file.")] = None,
 ) -> None:
-    """Show the experiments recorded in the ledger."""
+    """Show the experiments recorded in the ledger (read-only: safe beside a running ar)."""
     import json
 
     from rich.console import Console
 
     from autoresearch_cli import report
-    from autoresearch_cli.ledger import Ledger
+    from autoresearch_cli.doors.ledger import Ledger
+    from autoresearch_cli.research.evidence import Evidence
 
-    try:
+    with _run():
         ws = _workspace()
-        with Ledger.for_workspace(ws.root) as ledger:
-            rows = ledger.experiments()
-            best_row = ledger.best()
-            chain = report.best_chain(rows, best_row) if best else None
-            facts = report.summary(rows, best_row, ledger.total_cost())
+        with Ledger.for_workspace(ws.root, read_only=True) as ledger:
+            evidence = Evidence.load(ledger)
+            cost = ledger.total_cost()
         if plot is not None:
-            written = report.plot_progress(rows, plot)
-            typer.echo(f"wrote {written}", err=True)
+            from autoresearch_cli.plot import plot_progress
+
+            typer.echo(f"wrote {plot_progress(evidence, plot)}", err=True)
         if as_json:
-            payload = chain if best else report.json_rows(rows, limit)
+            payload = report.best_chain(evidence) if best else report.json_rows(evidence, limit)
             typer.echo(json.dumps(payload, indent=2, default=str))
             return
-    except ArError as exc:
-        _err(str(exc))
-        raise typer.Exit(1) from None
     console = Console()
     if best:
-        console.print(report.render_best_chain(chain))
+        console.print(report.render_best_chain(report.best_chain(evidence)))
     else:
-        console.print(report.render_table(report.table_rows(rows, limit)))
-    typer.echo(report.summary_text(facts))
-    for line in report.noise_lines(rows):
+        console.print(report.render_table(report.table_rows(evidence, limit)))
+    typer.echo(report.summary_text(report.summary(evidence, cost)))
+    for line in report.noise_lines(evidence):
         typer.echo(line)
 
 
 @app.command()
 def revert(sha: Annotated[str, typer.Argument(help="A kept commit to move the branch back to.")]) -> None:
     """Move the research branch back to an earlier kept commit."""
-    from autoresearch_cli import loop
+    from autoresearch_cli.research import loop
 
-    try:
+    with _run():
         with _session("ar revert") as current:
             old, new = loop.revert(current, sha)
             branch = current.ws.branch
-    except ArError as exc:
-        _err(str(exc))
-        raise typer.Exit(1) from None
     typer.echo(f"{branch}: {old[:7]} -> {new[:7]}; later experiments compare against {new[:7]}")
 
 

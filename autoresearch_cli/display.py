@@ -1,10 +1,12 @@
 """What `ar baseline` and `ar iterate` show while they run.
 
 On a terminal: a live panel (experiment k/N, a training progress bar for every running
-experiment, best val_bpb and its delta from baseline, keep/discard/crash counts, cost so
+experiment, the best as the keep test sees it: the incumbent's mean over its runs with
+its interval, and its gain over the baseline's mean; keep/discard/crash counts, cost so
 far). Elsewhere: a plain line when an experiment starts training and one when it ends,
 and while a model answers a line every few seconds saying how far it has got, so a slow
-model is not mistaken for a hung one.
+model is not mistaken for a hung one. The best comes from `standing`, which reads the
+evidence (research/evidence.py): the same best `ar log` prints.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from autoresearch_cli.gitops import short
+from autoresearch_cli.doors.gitops import short
 
 PLAIN_ANSWER_EVERY_S = 5.0  # between plain "model answering" lines
 
@@ -29,23 +31,38 @@ def answer_line(tokens: int, seconds: float) -> str:
     return f"  model answering: {tokens} token{'s' if tokens != 1 else ''}, {seconds:.0f} s"
 
 
-def outcome_line(exp_id: int, result: dict[str, Any], decision: str | None, description: str) -> str:
-    status = decision or result["status"]
+# What a run's line says it led to (decide.py's actions), when not its status.
+ACTION_WORDS = {"keep": "keep", "discard": "discard", "confirm": "confirm", "rerun": "disturbed",
+                "repair": None, "wait": "waiting", "record": "measured", "done": None}
+
+
+def outcome_line(exp_id: int, result: dict[str, Any], word: str, description: str) -> str:
     bpb = _fmt_bpb(result.get("val_bpb"))
-    reason = f"  ({result['reason']})" if result.get("reason") and status != "keep" else ""
-    return f"#{exp_id:<4d} {status:9s} val_bpb {bpb:>9s}  {description}{reason}"
+    reason = f"  ({result['reason']})" if result.get("reason") and word != "keep" else ""
+    return f"#{exp_id:<4d} {word:9s} val_bpb {bpb:>9s}  {description}{reason}"
+
+
+def standing_text(standing: tuple[Any, Any]) -> str:
+    """`best 1.940000 ± 0.0110 (3 runs), -0.013700 vs baseline 1.953700 (5 runs)`."""
+    start, best = standing
+    if best is None or best.mean is None:
+        return "best -"
+    text = f"best {best.describe()}"
+    if start is not None and start.mean is not None and start.sha != best.sha:
+        text += f", {best.mean - start.mean:+.6f} vs baseline {start.describe()}"
+    return text
 
 
 class Display:
     """Receives the core's events; renders them live on a terminal, plainly otherwise."""
 
-    def __init__(self, live: bool | None = None, cost=None, baseline=None):
+    def __init__(self, live: bool | None = None, cost=None, standing=None):
         self.live = sys.stdout.isatty() if live is None else live
         self.cost = cost or (lambda: None)
-        self.baseline = baseline or (lambda: None)
+        self.standing = standing or (lambda: (None, None))  # (baseline, best) evidence
         self.descriptions: dict[int, str] = {}
         self.counts = {"keep": 0, "discard": 0, "crash": 0, "invalid": 0}
-        self.best: float | None = None
+        self.best_text = standing_text(self.standing())
         self.header = ""
         self.answer = ""  # how far the model has got, while it answers
         self._answer_printed_at: float | None = None
@@ -126,32 +143,34 @@ class Display:
             self._progress.update(self._tasks[exp_id], completed=min(progress.percent, 100.0),
                                   loss=loss)
 
-    def on_done(self, exp_id: int, result: dict[str, Any], decision: str | None,
-                best_bpb: float | None = None, baseline: bool = False, judgement: Any = None,
-                settled: int | None = None) -> None:
-        """A run ended. `judgement` (keeprule.Judgement) is the keep test it led to; when
-        it `settled` another experiment (a confirmation did), that one's outcome follows."""
+    def on_done(self, exp_id: int, result: dict[str, Any], action: str, judgement: Any = None,
+                settled: int | None = None, measure: bool = False, reason: str | None = None) -> None:
+        """A run ended and `action` (research/decide.py) followed. A verdict (keep,
+        discard) is on experiment `settled`: the run itself, or the candidate a
+        confirmation run confirmed, whose outcome then gets a line of its own."""
         self.answer = ""
         if self._progress is not None and exp_id in self._tasks:
             self._progress.remove_task(self._tasks.pop(exp_id))
-        status = decision or result["status"]
-        bucket = status if status in self.counts else ("crash" if status in ("timeout", "oom") else None)
-        if bucket and not (baseline and decision == "keep"):  # the baseline is not a keep
-            self.counts[bucket] += 1
-        if decision == "keep" and result.get("val_bpb") is not None:
-            self._best(judgement.mean if judgement is not None else result["val_bpb"])
-        line = outcome_line(exp_id, result, decision, self.descriptions.get(exp_id, ""))
+        status = result.get("status") or "invalid"
+        word = ACTION_WORDS.get(action) or status
+        if action == "wait" or (action == "done" and status == "ok"):
+            word = "waiting" if action == "wait" else "ok"
+        if action not in ("keep", "discard") and not measure:
+            bucket = "crash" if status in ("crash", "timeout", "oom") else status
+            if bucket in self.counts and action != "rerun":
+                self.counts[bucket] += 1
+        if action in ("keep", "discard"):
+            self.counts[action] += 1
+        line = outcome_line(exp_id, result, word if settled in (None, exp_id) else status,
+                            self.descriptions.get(exp_id, ""))
         if judgement is not None and settled in (None, exp_id):
             line += f"  [{judgement.reason}]"
+        elif action == "wait" and reason:
+            line += f"  [{reason}]"
         self._print(line)
         if judgement is not None and settled not in (None, exp_id):
-            self.counts[judgement.verdict] = self.counts.get(judgement.verdict, 0) + 1
-            if judgement.verdict == "keep" and judgement.mean is not None:
-                self._best(judgement.mean)
-            self._print(f"#{settled:<4d} {judgement.verdict:9s} {judgement.reason}")
-
-    def _best(self, value: float) -> None:
-        self.best = value if self.best is None else min(self.best, value)
+            self._print(f"#{settled:<4d} {ACTION_WORDS.get(action) or action:9s} {judgement.reason}")
+        self.best_text = standing_text(self.standing())
 
     # --- rendering -------------------------------------------------------------------
 
@@ -162,14 +181,10 @@ class Display:
             print(line, flush=True)
 
     def status_line(self) -> str:
-        baseline = self.baseline()
-        delta = ""
-        if self.best is not None and baseline is not None:
-            delta = f" ({self.best - baseline:+.6f} vs baseline {baseline:.6f})"
         cost = self.cost()
         cost_text = f"  cost ${cost:.4f}" if cost else ""
         c = self.counts
-        return (f"best val_bpb {_fmt_bpb(self.best)}{delta}  keep {c['keep']}  discard {c['discard']}"
+        return (f"{self.best_text}  keep {c['keep']}  discard {c['discard']}"
                 f"  crash {c['crash']}  invalid {c['invalid']}{cost_text}")
 
     def _render(self):

@@ -1,24 +1,21 @@
-"""What `ar log` shows: pure functions from ledger rows to data, rich tables and a plot.
+"""What `ar log` shows: pure functions from the evidence (research/evidence.py) to data and
+rich tables; nothing prints.
 
-Every function takes the ledger's experiment rows (`Ledger.experiments()`, all of them:
-deltas look up parents that a `--limit` would hide) and returns data; nothing prints.
-A delta is `val_bpb - parent's val_bpb`, so negative is better; an improvement is the
-decrease in val_bpb, so positive is better.
+Every number is the evidence's: a run's delta is its val_bpb minus its parent commit's
+mean (negative is better), the best is the incumbent's mean over its runs, and an
+improvement is a decrease of means (positive is better), with its interval.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from autoresearch_cli.errors import ArError
-from autoresearch_cli.ledger import FAILED, CostTotal, reference_row
+from autoresearch_cli.doors.ledger import CostTotal
+from autoresearch_cli.doors.records import FAILED, Run
+from autoresearch_cli.research.evidence import CommitEvidence, Evidence, outcome
 
 Row = dict[str, Any]
 
@@ -28,121 +25,78 @@ OUTCOME_STYLES = {"keep": "bold green", "baseline": "bold blue", "discard": "dim
                   "remeasure": "blue", "confirmation": "cyan"}
 
 
-def outcome(row: Row) -> str:
-    """One word for how an experiment ended: baseline, keep, discard, or its status."""
-    if row["status"] != "ok":
-        return row["status"]
-    if row["kind"] in ("baseline", "remeasure", "confirmation"):
-        return row["kind"]
-    if row["decision"] is None and row.get("evidence"):
-        return "pending"  # waiting for a confirmation run
-    return row["decision"] or "ok"
-
-
 def short_sha(sha: str | None) -> str | None:
     return sha[:7] if sha else None
 
 
-def _references(experiments: list[Row]) -> dict[str, Row]:
-    """For every evaluated sha, the row that speaks for it (see ledger.reference_row)."""
-    by_sha: dict[str, list[Row]] = defaultdict(list)
-    for row in experiments:
-        if row["sha"]:
-            by_sha[row["sha"]].append(row)
-    return {sha: reference_row(rows) for sha, rows in by_sha.items()}
+def _parent_id(evidence: Evidence, run: Run) -> int | None:
+    made = evidence.proposer(run.parent_sha) if run.parent_sha else None
+    return made.id if made is not None and made.id != run.id else None
 
 
-def _parent(row: Row, references: dict[str, Row]) -> Row | None:
-    parent = references.get(row["parent_sha"]) if row["parent_sha"] else None
-    if parent is None or parent["id"] == row["id"] or parent["status"] != "ok":
-        return None
-    return parent
-
-
-def _delta(row: Row, parent: Row | None) -> float | None:
-    if parent is None or row["val_bpb"] is None or parent["val_bpb"] is None:
-        return None
-    return row["val_bpb"] - parent["val_bpb"]
-
-
-def table_rows(experiments: list[Row], limit: int | None = None) -> list[Row]:
+def table_rows(evidence: Evidence, limit: int | None = None) -> list[Row]:
     """The rows of `ar log`, newest last: the last `limit` experiments when given."""
-    references = _references(experiments)
-    shown = experiments if limit is None else experiments[len(experiments) - max(limit, 0):]
+    shown = evidence.runs if limit is None else evidence.runs[len(evidence.runs) - max(limit, 0):]
     rows = []
-    for row in shown:
-        parent = _parent(row, references)
+    for run in shown:
+        parent = evidence.parent_mean(run) if run.kind != "baseline" else None
+        commit = evidence.commit_of(run)
         rows.append({
-            "id": row["id"], "kind": row["kind"], "commit": short_sha(row["sha"]),
-            "val_bpb": row["val_bpb"], "parent_id": parent["id"] if parent else None,
-            "delta_bpb": _delta(row, parent), "memory_gb": row["memory_gb"],
-            "outcome": outcome(row), "description": row["description"] or "",
-            "reason": row["reason"], "cost_usd": row["cost_usd"], "repair_of": row["repair_of"],
+            "id": run.id, "kind": run.kind, "commit": short_sha(run.sha), "val_bpb": run.val_bpb,
+            "commit_mean": commit.mean if commit else None, "commit_runs": commit.n if commit else 0,
+            "parent_id": _parent_id(evidence, run),
+            "delta_bpb": run.val_bpb - parent if run.scored and parent is not None else None,
+            "memory_gb": run.memory_gb, "outcome": outcome(run),
+            "description": run.description or "", "reason": run.reason,
+            "cost_usd": run.cost_usd, "repair_of": run.repair_of, "seed": run.seed,
         })
     return rows
 
 
-def json_rows(experiments: list[Row], limit: int | None = None) -> list[Row]:
-    """`ar log --json`: every ledger column, result.json parsed, plus outcome and delta."""
-    extras = {row["id"]: row for row in table_rows(experiments, limit)}
+def json_rows(evidence: Evidence, limit: int | None = None) -> list[Row]:
+    """`ar log --json`: every ledger column, result.json parsed, and what the evidence
+    says of the run (outcome, delta against the parent's mean, its commit's mean)."""
     out = []
-    for row in experiments:
-        if row["id"] not in extras:
-            continue
-        item = {key: value for key, value in row.items() if key != "result_json"}
-        item["result"] = json.loads(row["result_json"]) if row["result_json"] else None
-        item["outcome"] = extras[row["id"]]["outcome"]
-        item["delta_bpb"] = extras[row["id"]]["delta_bpb"]
-        item["parent_id"] = extras[row["id"]]["parent_id"]
+    for row in table_rows(evidence, limit):
+        run = evidence.run(row["id"])
+        item = {key: value for key, value in vars(run).items() if key != "result_json"}
+        item.update(result=run.result, evidence=run.judgement, outcome=row["outcome"],
+                    delta_bpb=row["delta_bpb"], parent_id=row["parent_id"],
+                    commit_mean=row["commit_mean"], commit_runs=row["commit_runs"])
         out.append(item)
     return out
 
 
-def runs_by_sha(experiments: list[Row]) -> dict[tuple[str, str | None], list[float]]:
-    """val_bpb of the ok runs of each (commit, hardware class)."""
-    runs: dict[tuple[str, str | None], list[float]] = defaultdict(list)
-    for row in experiments:
-        if row["sha"] and row["status"] == "ok" and row["val_bpb"] is not None:
-            runs[(row["sha"], row["slot_class"])].append(row["val_bpb"])
-    return runs
+def _step(commit: CommitEvidence, evidence: Evidence, previous: float | None,
+          start: float | None) -> Row:
+    made = evidence.proposer(commit.sha)
+    judgement = made.judgement if made is not None else None
+    mean = commit.mean
+    return {
+        "id": made.id if made else None, "kind": made.kind if made else None,
+        "commit": short_sha(commit.sha), "val_bpb": mean, "runs": commit.n,
+        "half_width": commit.half_width, "spread": commit.std,
+        "seeds": list(commit.seeds), "slot_class": commit.slot_class,
+        "test": _test_outcome(judgement), "p": judgement.get("p") if judgement else None,
+        "description": (made.description or "") if made else "",
+        "improvement": None if previous is None or mean is None else previous - mean,
+        "cumulative_improvement": None if start is None or mean is None else start - mean,
+        "cumulative_percent": (100.0 * (start - mean) / start
+                               if start and mean is not None else None),
+    }
 
 
-def best_chain(experiments: list[Row], best: Row | None) -> list[Row]:
-    """`ar log --best`: the kept steps from the baseline to `best` (Ledger.best()).
-
-    Follows parent commits back from the best row, so a revert is honoured. Each step has
-    the evidence behind it: its runs (on the hardware it was judged on), their mean and
-    spread, and the keep test's outcome; improvements are between means.
-    """
-    if best is None or best["val_bpb"] is None:
-        return []
-    references = _references(experiments)
-    chain, seen = [best], {best["id"]}
-    while chain[-1]["kind"] != "baseline":
-        parent = _parent(chain[-1], references)
-        if parent is None or parent["id"] in seen or parent["val_bpb"] is None:
-            break
-        chain.append(parent)
-        seen.add(parent["id"])
-    chain.reverse()
-    all_runs = runs_by_sha(experiments)
-    steps, previous, start = [], None, None
-    for row in chain:
-        runs = all_runs.get((row["sha"], row["slot_class"])) or [row["val_bpb"]]
-        mean = statistics.fmean(runs)
-        start = mean if start is None else start
-        evidence = json.loads(row["evidence"]) if row.get("evidence") else None
-        steps.append({
-            "id": row["id"], "kind": row["kind"], "commit": short_sha(row["sha"]),
-            "val_bpb": mean, "runs": len(runs),
-            "spread": statistics.stdev(runs) if len(runs) >= 2 else None,
-            "test": _test_outcome(evidence), "p": evidence.get("p") if evidence else None,
-            "description": row["description"] or "",
-            "improvement": None if previous is None else previous - mean,
-            "cumulative_improvement": start - mean,
-            "cumulative_percent": 100.0 * (start - mean) / start if start else None,
-        })
-        previous = mean
+def best_chain(evidence: Evidence) -> list[Row]:
+    """`ar log --best`: the kept steps from the baseline to the best, each with the
+    evidence behind it (its runs on the best's hardware, their mean and interval, the keep
+    test's outcome); improvements are between means."""
+    chain = evidence.chain()
+    steps: list[Row] = []
+    start = chain[0].mean if chain else None
+    previous = None
+    for commit in chain:
+        steps.append(_step(commit, evidence, previous, start))
+        previous = commit.mean if commit.mean is not None else previous
     return steps
 
 
@@ -150,43 +104,45 @@ def _test_outcome(evidence: Row | None) -> str:
     if not evidence:
         return "-"
     if evidence.get("p") is None:
-        return evidence.get("reason", "-").split(":")[0] if evidence.get("rule") != "one-run" else "one run"
+        return (evidence.get("reason") or "-").split(":")[0] if evidence.get("rule") != "one-run" else "one run"
     return f"p={evidence['p']:.2g} < {evidence['look_level']:.2g} ({len(evidence['runs'])} run(s))"
 
 
-def noise_lines(experiments: list[Row]) -> list[str]:
-    """The measured noise per hardware class: the spread of runs of one commit."""
-    from autoresearch_cli.keeprule import noise
-
-    by_class: dict[str | None, list[list[float]]] = defaultdict(list)
-    for (_, slot_class), runs in runs_by_sha(experiments).items():
-        by_class[slot_class].append(runs)
+def noise_lines(evidence: Evidence) -> list[str]:
+    """The measured noise per hardware class, in words."""
     lines = []
-    for slot_class, groups in sorted(by_class.items(), key=lambda item: str(item[0])):
-        measured = noise(groups)
+    for slot_class in evidence.classes():
+        measured = evidence.noise(slot_class)
         if measured.sigma is not None:
-            lines.append(f"noise on {slot_class or 'this machine'}: {measured.sigma:.4f} val_bpb "
-                         f"between runs of one commit ({measured.df} degrees of freedom, "
-                         f"{measured.commits} commit(s) run more than once)")
+            lines.append(
+                f"noise on {slot_class or 'this machine'}: runs of one commit with different "
+                f"seeds differ by {measured.sigma:.4f} val_bpb (std; {measured.df} degrees of "
+                f"freedom from {measured.commits} commit(s) run more than once): a single-run "
+                f"difference below about {2 * measured.sigma:.4f} is luck")
     return lines
 
 
-def summary(experiments: list[Row], best: Row | None, cost: CostTotal | None = None) -> Row:
-    """Counts, the baseline and the best, and what the LLM calls cost."""
-    outcomes = [outcome(row) for row in experiments]
-    baselines = [row for row in experiments
-                 if row["kind"] == "baseline" and row["status"] == "ok" and row["val_bpb"] is not None]
-    baseline_bpb = baselines[0]["val_bpb"] if baselines else None
-    best_bpb = best["val_bpb"] if best else None
+def summary(evidence: Evidence, cost: CostTotal | None = None) -> Row:
+    """Counts, the baseline and the best (each a mean over its runs, with its interval),
+    the gain between them, and what the model calls cost."""
+    counts = evidence.counts()
+    best, start, gained = evidence.best(), evidence.baseline(), evidence.gain()
+    made = evidence.proposer(best.sha) if best else None
     return {
-        "experiments": len(experiments), "kept": outcomes.count("keep"),
-        "discarded": outcomes.count("discard"),
-        "failed": sum(outcomes.count(status) for status in FAILED),
-        "invalid": outcomes.count("invalid"), "interrupted": outcomes.count("interrupted"),
-        "disturbed": outcomes.count("disturbed"), "pending": outcomes.count("pending"),
-        "confirmations": outcomes.count("confirmation"), "remeasures": outcomes.count("remeasure"),
-        "baseline_bpb": baseline_bpb, "best_bpb": best_bpb, "best_id": best["id"] if best else None,
-        "improvement": None if baseline_bpb is None or best_bpb is None else baseline_bpb - best_bpb,
+        "experiments": len(evidence.runs), "kept": counts.get("keep", 0),
+        "discarded": counts.get("discard", 0),
+        "failed": sum(counts.get(status, 0) for status in FAILED),
+        "invalid": counts.get("invalid", 0), "interrupted": counts.get("interrupted", 0),
+        "disturbed": counts.get("disturbed", 0), "pending": counts.get("pending", 0),
+        "confirmations": counts.get("confirmation", 0), "remeasures": counts.get("remeasure", 0),
+        "baseline_bpb": start.mean if start else None, "baseline_runs": start.n if start else 0,
+        "baseline_half_width": start.half_width if start else None,
+        "best_bpb": best.mean if best else None, "best_runs": best.n if best else 0,
+        "best_half_width": best.half_width if best else None,
+        "best_sha": best.sha if best else None, "best_id": made.id if made else None,
+        "slot_class": best.slot_class if best else None,
+        "improvement": gained.value if gained else None,
+        "improvement_half_width": gained.half_width if gained else None,
         "llm_calls": cost.calls if cost else 0, "cost_usd": cost.usd if cost else None,
         "unpriced_calls": cost.unpriced if cost else 0,
     }
@@ -215,17 +171,20 @@ def render_table(rows: list[Row]) -> Table:
     """A rich Table of `table_rows` output."""
     table = Table(show_edge=False, header_style="bold")
     for name, justify in (("#", "right"), ("commit", "left"), ("val_bpb", "right"),
-                          ("Δ parent", "right"), ("mem GB", "right"), ("outcome", "left"),
-                          ("cost", "right"), ("description", "left")):
+                          ("commit mean (runs)", "right"), ("Δ parent", "right"),
+                          ("mem GB", "right"), ("outcome", "left"), ("cost", "right"),
+                          ("description", "left")):
         table.add_column(name, justify=justify, no_wrap=name != "description")
     for row in rows:
         description = Text(row["description"])
         if row["repair_of"] is not None:
             description.append(f" (repair of #{row['repair_of']})", style="dim")
-        if row["outcome"] not in ("keep", "discard", "baseline", "ok") and row["reason"]:
+        if row["outcome"] not in ("baseline", "ok") and row["reason"]:
             description.append(f" — {row['reason']}", style="dim")
+        mean = (f"{row['commit_mean']:.6f} ({row['commit_runs']})"
+                if row["commit_mean"] is not None else "-")
         table.add_row(
-            str(row["id"]), row["commit"] or "-", _number(row["val_bpb"]),
+            str(row["id"]), row["commit"] or "-", _number(row["val_bpb"]), mean,
             _signed(row["delta_bpb"]), _number(row["memory_gb"], 1),
             Text(row["outcome"], style=OUTCOME_STYLES.get(row["outcome"], "yellow")),
             _cost(row["cost_usd"]), description)
@@ -235,32 +194,44 @@ def render_table(rows: list[Row]) -> Table:
 def render_best_chain(steps: list[Row]) -> Table:
     """A rich Table of `best_chain` output."""
     table = Table(show_edge=False, header_style="bold")
-    for name in ("#", "commit", "mean val_bpb", "runs", "spread", "test", "step", "cumulative",
+    for name in ("#", "commit", "mean val_bpb", "± 95%", "runs", "test", "step", "cumulative",
                  "%", "description"):
         table.add_column(name, justify="left" if name in ("commit", "test", "description")
                          else "right")
     for step in steps:
         percent = step["cumulative_percent"]
         table.add_row(
-            str(step["id"]), step["commit"] or "-", _number(step["val_bpb"]), str(step["runs"]),
-            _number(step["spread"], 4), step["test"],
-            _signed(step["improvement"], better_when_negative=False),
+            str(step["id"] if step["id"] is not None else "-"), step["commit"] or "-",
+            _number(step["val_bpb"]), _number(step["half_width"], 4), str(step["runs"]),
+            step["test"], _signed(step["improvement"], better_when_negative=False),
             _signed(step["cumulative_improvement"], better_when_negative=False),
             "-" if percent is None else f"{percent:.2f}%", step["description"])
     return table
 
 
+def _mean_text(mean: float, runs: int, half: float | None) -> str:
+    spread = f" ± {half:.4f}" if half is not None else ""
+    return f"{mean:.6f}{spread} ({runs} run{'s' * (runs != 1)})"
+
+
 def summary_text(facts: Row) -> str:
-    """One line: counts, baseline → best, cost."""
-    parts = [f"{facts['experiments']} experiments: {facts['kept']} kept, "
+    """One line: counts, baseline → best as means with their runs and intervals, cost."""
+    parts = [f"{facts['experiments']} runs: {facts['kept']} kept, "
              f"{facts['discarded']} discarded, {facts['failed']} failed, "
              f"{facts['invalid']} invalid, {facts['interrupted']} interrupted"
              + (f", {facts['disturbed']} disturbed (set aside)" if facts.get("disturbed") else "")
              + (f", {facts['pending']} awaiting confirmation" if facts.get("pending") else "")]
     if facts["best_bpb"] is not None:
-        best = f"best {facts['best_bpb']:.6f} (#{facts['best_id']})"
+        best = (f"best {_mean_text(facts['best_bpb'], facts['best_runs'], facts['best_half_width'])}"
+                f" (#{facts['best_id']})")
         if facts["baseline_bpb"] is not None:
-            best = f"baseline {facts['baseline_bpb']:.6f} → {best}"
+            start = _mean_text(facts["baseline_bpb"], facts["baseline_runs"],
+                               facts["baseline_half_width"])
+            best = f"baseline {start} → {best}"
+            if facts["improvement"] is not None and facts["best_sha"] and facts["best_id"]:
+                half = facts["improvement_half_width"]
+                best += (f", gain {facts['improvement']:+.6f}"
+                         + (f" ± {half:.4f}" if half is not None else ""))
         parts.append(best)
     if facts["llm_calls"]:
         cost = f"LLM cost ${facts['cost_usd']:.4f}"
@@ -268,86 +239,3 @@ def summary_text(facts: Row) -> str:
             cost += f" (+{facts['unpriced_calls']} calls of unknown cost)"
         parts.append(cost)
     return "; ".join(parts)
-
-
-# --- the progress plot ---------------------------------------------------------------------
-
-
-def _kept_line(experiments: list[Row]) -> tuple[list[int], list[float]]:
-    """The val_bpb in force after each keep, starting from the first ok baseline."""
-    xs: list[int] = []
-    ys: list[float] = []
-    for row in experiments:
-        if row["status"] != "ok" or row["val_bpb"] is None:
-            continue
-        if (row["kind"] == "baseline" and not xs) or row["decision"] == "keep":
-            xs.append(row["id"])
-            ys.append(row["val_bpb"])
-    return xs, ys
-
-
-def _draw_points(axes: Any, experiments: list[Row], evaluated: list[Row]) -> int:
-    """Dots for evaluated runs, the best line, crosses for failed runs; returns keeps."""
-    groups = {
-        "discard": ([r for r in evaluated if outcome(r) not in ("keep", "baseline")],
-                    {"color": "#b0b0b0", "s": 14}),
-        "baseline": ([r for r in evaluated if outcome(r) == "baseline"],
-                     {"color": "#1f77b4", "s": 40, "edgecolors": "black", "zorder": 3}),
-        "keep": ([r for r in evaluated if outcome(r) == "keep"],
-                 {"color": "#2ca02c", "s": 40, "edgecolors": "black", "zorder": 3}),
-    }
-    for label, (rows, style) in groups.items():
-        if rows:
-            axes.scatter([r["id"] for r in rows], [r["val_bpb"] for r in rows], label=label,
-                         **style)
-    for row in groups["keep"][0]:
-        if row["description"]:
-            axes.annotate(row["description"][:40], (row["id"], row["val_bpb"]), fontsize=7,
-                          xytext=(4, 4), textcoords="offset points", rotation=20,
-                          parse_math=False)
-    xs, ys = _kept_line(experiments)
-    if xs:
-        last_id = max(row["id"] for row in experiments)
-        axes.step([*xs, last_id], [*ys, ys[-1]], where="post", color="#2ca02c", linewidth=1.2,
-                  label="best")
-    failed = [row for row in experiments if row["status"] in FAILED]
-    if failed:  # on the bottom edge, in axes coordinates: a crash has no val_bpb
-        axes.scatter([r["id"] for r in failed], [0.0] * len(failed), marker="x", s=24,
-                     color="#d62728", label="failed", clip_on=False,
-                     transform=axes.get_xaxis_transform())
-    return len(groups["keep"][0])
-
-
-def plot_progress(experiments: list[Row], path: str | Path) -> Path:
-    """Write a PNG (or any format matplotlib knows by the suffix) of val_bpb per experiment.
-
-    Every evaluated experiment is a dot, kept ones and baselines highlighted, the kept
-    val_bpb in force as a step line, and failed runs as red crosses along the bottom.
-    Invalid proposals and interrupted runs never produced a number and are left out.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as exc:
-        raise ArError("plotting needs matplotlib: pip install 'ar[plot]'") from exc
-    evaluated = [row for row in experiments if row["status"] == "ok" and row["val_bpb"] is not None]
-    if not evaluated:
-        raise ArError("nothing to plot yet: no experiment has a val_bpb")
-    figure = Figure(figsize=(11, 5.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    kept = _draw_points(axes, experiments, evaluated)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("experiment #")
-    axes.set_ylabel("val_bpb (lower is better)")
-    axes.set_title(f"{len(experiments)} experiments, {kept} kept")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="upper right", fontsize=8)
-    figure.tight_layout()
-    target = Path(path)
-    try:
-        figure.savefig(target, dpi=150)
-    except (OSError, ValueError) as exc:
-        raise ArError(f"cannot write the plot to {target}: {exc}") from exc
-    return target

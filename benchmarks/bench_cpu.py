@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoresearch_cli import workspace  # noqa: E402
-from autoresearch_cli.data import prepare_data  # noqa: E402
+from autoresearch_cli.doors import workspace  # noqa: E402
+from autoresearch_cli.doors.data import prepare_data  # noqa: E402
 from sandbox.cpu import plan_cpu  # noqa: E402
 
 NO_BF16 = {
@@ -151,7 +151,7 @@ def main() -> int:
     os.environ.setdefault("GIT_CONFIG_GLOBAL", os.devnull)
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace.init(Path(tmp) / "ws", profile="cpu", tag="bench")
-        prepare_data(ws.data_dir, source="stdlib", vocab_size=ws.config()["profile"]["vocab_size"])
+        prepare_data(ws.data_dir, source="stdlib", vocab_size=ws.settings().profile.vocab_size)
         print(
             f"cpu template, {seconds:g} s per run, median tokens/s after {SKIP_STEPS} warm-up steps\n"
         )

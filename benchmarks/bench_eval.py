@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from autoresearch_cli import workspace  # noqa: E402
-from autoresearch_cli.data import prepare_data  # noqa: E402
+from autoresearch_cli.doors import workspace  # noqa: E402
+from autoresearch_cli.doors.config import load_raw  # noqa: E402
+from autoresearch_cli.doors.data import prepare_data  # noqa: E402
 from sandbox import confine  # noqa: E402
 from sandbox.evaluate import SPLITS, import_torch, load_data, pick_batch_size, rows  # noqa: E402
 
@@ -117,7 +118,7 @@ def main() -> int:
     device = "cuda" if args.profile == "gpu" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace.init(Path(tmp) / "ws", profile=args.profile, tag="bench")
-        profile = ws.config()["profile"]
+        profile = load_raw(ws.config_path)["profile"]
         data_dir = args.data_dir or ws.data_dir
         if args.data_dir is None:
             prepare_data(data_dir, source=args.source, vocab_size=profile["vocab_size"])

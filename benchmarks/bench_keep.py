@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoresearch_cli import gitops  # noqa: E402
-from autoresearch_cli.ledger import Ledger  # noqa: E402
+from autoresearch_cli.doors import gitops  # noqa: E402
+from autoresearch_cli.doors.ledger import Ledger  # noqa: E402
 
 AR = str(Path(sys.executable).with_name("ar"))
 JUDGED = ("experiment", "repair", "combination")
@@ -65,7 +65,7 @@ def iterate(ws: Path, experiments: int, seed: int) -> float:
 
 def rows_of(ws: Path) -> list[dict]:
     with Ledger.for_workspace(ws) as ledger:
-        return ledger.experiments()
+        return [vars(run) for run in ledger.runs()]
 
 
 def cost(rows: list[dict]) -> tuple[int, int]:
@@ -93,11 +93,11 @@ def one_run_keeps(rows: list[dict]) -> list[dict]:
 
 def rerun(ws: Path, sha: str, times: int, seed0: int) -> list[float]:
     """`times` fresh runs of commit `sha`, outside the loop and the ledger."""
-    from autoresearch_cli import config
+    from autoresearch_cli.doors import config
     from sandbox.experiment import run_experiment
     from sandbox.spec import ExperimentSpec
 
-    profile = config.load(ws / "ar.toml")["profile"]
+    profile = config.load_raw(ws / "ar.toml")["profile"]
     values = []
     for index in range(times):
         tree = ws.parent / f"rerun-{sha[:8]}-{index}"

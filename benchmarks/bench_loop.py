@@ -19,9 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoresearch_cli import gitops, loop, runs, workspace  # noqa: E402
 from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
-from autoresearch_cli.workers import machine_class  # noqa: E402
+from autoresearch_cli.backends.base import machine_class  # noqa: E402
+from autoresearch_cli.doors import gitops, workspace  # noqa: E402
+from autoresearch_cli.doors.config import with_keep  # noqa: E402
+from autoresearch_cli.research import loop  # noqa: E402
+from autoresearch_cli.research import session as runs  # noqa: E402
 
 INSTANT_TRAIN_PY = '''"""An instant train.py: it exits at once (benchmarks of ar's own overhead)."""
 # ---
@@ -57,19 +60,19 @@ def main(iterations: int = 100) -> None:
         seconds: list[float] = []
         job_seconds: list[float] = []
         with runs.session(ws, "bench") as current:
-            current.config["keep"].update(rule="one-run")  # ar's own overhead, no noise runs
+            current.settings = with_keep(current.settings, rule="one-run")  # no noise runs
             tip = ws.tip()
             # a baseline row so the loop does not run one first
             exp_id = current.ledger.start_experiment("baseline", tip, "baseline", None, status="running")
             current.ledger.update(exp_id, sha=tip)
-            current.ledger.finish(exp_id, "ok", "keep", {"val_bpb": 5.0, "status": "ok"}, sha=tip,
+            current.ledger.finish(exp_id, "ok", {"val_bpb": 5.0, "status": "ok"}, sha=tip,
                                   slot_class=machine_class("cpu"))
             for _ in range(iterations):
                 start = time.perf_counter()
                 loop.iterate(current, agent, "random", 1)
                 seconds.append(time.perf_counter() - start)
-                last = current.ledger.experiments()[-1]
-                job_seconds.append(last["total_seconds"] or 0.0)
+                last = current.ledger.runs()[-1]
+                job_seconds.append(last.total_seconds or 0.0)
         overhead = [total - job for total, job in zip(seconds, job_seconds, strict=True)]
         median = statistics.median(overhead)
         verdict = "ok" if median <= 1.0 else "OVER TARGET"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoresearch_cli.config import PROFILES  # noqa: E402
-from autoresearch_cli.data import prepare_data  # noqa: E402
+from autoresearch_cli.doors.config import PROFILES  # noqa: E402
+from autoresearch_cli.doors.data import prepare_data  # noqa: E402
 
 
 def one_round(vocab_size: int) -> dict[str, float]:

@@ -41,11 +41,14 @@ import tempfile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoresearch_cli import ray_backend, runs  # noqa: E402
 from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
-from autoresearch_cli.data import prepare_data, read_manifest  # noqa: E402
-from autoresearch_cli.loop import Scheduler  # noqa: E402
-from autoresearch_cli.workers import Ended, LocalWorkers, Slot  # noqa: E402
+from autoresearch_cli.backends import ray as ray_backend  # noqa: E402
+from autoresearch_cli.backends.base import Ended, Slot  # noqa: E402
+from autoresearch_cli.backends.local import LocalWorkers  # noqa: E402
+from autoresearch_cli.doors.config import with_keep  # noqa: E402
+from autoresearch_cli.doors.data import prepare_data, read_manifest  # noqa: E402
+from autoresearch_cli.research import session as runs  # noqa: E402
+from autoresearch_cli.research.scheduler import Scheduler  # noqa: E402
 from benchmarks.bench_loop import INSTANT_TRAIN_PY  # noqa: E402
 from benchmarks.bench_workers import SleepingWorkers, _with_baseline, _workspace  # noqa: E402
 
@@ -138,7 +141,8 @@ def simulated_cluster(slots_n: int = 16, budget: float = 10.0, periods: int = 2)
         pool.command = (str(Path(__file__).resolve()), "--sleep-job", str(budget))
         with runs.session(ws, "bench") as current:
             # one run decides: no noise measurements of the tip, which are runs, not experiments
-            current.config["keep"].update(rule="one-run", min_share=0.0, min_throughput=0.0)
+            current.settings = with_keep(current.settings, rule="one-run", min_share=0.0,
+                                         min_throughput=0.0)
             _with_baseline(current, pool.slots[0].slot_class)
             start = time.perf_counter()
             _keep_full(pool, current, slots_n)  # the first period makes the slot actors
@@ -149,11 +153,10 @@ def simulated_cluster(slots_n: int = 16, budget: float = 10.0, periods: int = 2)
             for label, backend in (("Ray, with the scheduler", pool),
                                    ("no Ray (sleeping backend), with the scheduler",
                                     SleepingWorkers(pool.slots, budget))):
-                before = len(current.ledger.experiments())
+                before = len(current.ledger.runs())
                 start = time.perf_counter()
-                Scheduler(current, RandomAgent(seed=0), "random", experiments, pool.slots,
-                          lambda kind, **_: None, pool=backend).run()
-                ran = len(current.ledger.experiments()) - before  # combinations included
+                Scheduler(current, backend, RandomAgent(seed=0), "random", experiments).run()
+                ran = len(current.ledger.runs()) - before  # combinations included
                 rates[label] = ran / ((time.perf_counter() - start) / budget)
         pool.close()
         ray.shutdown()
@@ -190,10 +193,9 @@ def micro_runs(experiments: int = 6) -> None:
             with runs.session(ws, "bench") as current:
                 _with_baseline(current, "cpu:1")
                 start = time.perf_counter()
-                Scheduler(current, RandomAgent(seed=1), "random", experiments, pool.slots,
-                          lambda kind, **_: None, pool=pool).run()
+                Scheduler(current, pool, RandomAgent(seed=1), "random", experiments).run()
                 total = time.perf_counter() - start
-                ran = [row for row in current.ledger.experiments()[1:] if row["total_seconds"]]
+                ran = [run for run in current.ledger.runs()[1:] if run.total_seconds]
             rates[label] = len(ran) / total * 3600
             if label == "ray":
                 pool.close()

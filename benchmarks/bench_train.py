@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoresearch_cli import workspace  # noqa: E402
-from autoresearch_cli.data import prepare_data  # noqa: E402
+from autoresearch_cli.doors import workspace  # noqa: E402
+from autoresearch_cli.doors.config import load_raw  # noqa: E402
+from autoresearch_cli.doors.data import prepare_data  # noqa: E402
 from sandbox.experiment import run_experiment  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main() -> int:
         os.environ.update(NO_BF16)  # the CPU plan measures under it and passes it on to the job
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace.init(Path(tmp) / "ws", profile="cpu", tag="bench")
-        config = ws.config()
+        config = load_raw(ws.config_path)
         profile = config["profile"]
         prepare_data(ws.data_dir, source="stdlib", vocab_size=profile["vocab_size"])
         plain_dir = Path(tmp) / "plain"

@@ -23,10 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoresearch_cli import gitops, runs, workspace  # noqa: E402
 from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
-from autoresearch_cli.loop import Scheduler  # noqa: E402
-from autoresearch_cli.workers import Ended, LocalWorkers, Slot  # noqa: E402
+from autoresearch_cli.backends.base import Ended, Slot, SlotPool  # noqa: E402
+from autoresearch_cli.backends.local import LocalWorkers  # noqa: E402
+from autoresearch_cli.doors import gitops, workspace  # noqa: E402
+from autoresearch_cli.doors.config import with_keep  # noqa: E402
+from autoresearch_cli.research import session as runs  # noqa: E402
+from autoresearch_cli.research.scheduler import Scheduler  # noqa: E402
 from benchmarks.bench_loop import INSTANT_TRAIN_PY  # noqa: E402
 
 
@@ -43,17 +46,17 @@ class TimedWorkers(LocalWorkers):
             self.waited += time.perf_counter() - start
 
 
-class SleepingWorkers:
+class SleepingWorkers(SlotPool):
     """A backend whose jobs take `budget` seconds and run nothing (a simulated cluster)."""
 
     def __init__(self, slots, budget):
-        self.slots, self.budget = slots, budget
+        super().__init__(slots)
+        self.budget = budget
         self.running: dict[int, tuple[Slot, float]] = {}
         self.waited = 0.0
 
-    def free_slots(self):
-        busy = {slot.index for slot, _ in self.running.values()}
-        return [slot for slot in self.slots if slot.index not in busy]
+    def _slot_of(self, running):
+        return running[0]
 
     def start(self, exp_id, slot, spec):
         self.running[exp_id] = (slot, time.monotonic() + self.budget)
@@ -91,10 +94,10 @@ def _workspace(tmp: str, train_py: str | None, data_from: Path | None = None):
 def _with_baseline(current, slot_class: str, val_bpb: float = 5.0) -> None:
     """A baseline row of the tip measured on `slot_class`, so no run measures it first; one
     run decides (what the keep test costs is bench_keep.py's figure, not the scheduler's)."""
-    current.config["keep"].update(rule="one-run")
+    current.settings = with_keep(current.settings, rule="one-run")
     tip = current.ws.tip()
     exp_id = current.ledger.start_experiment("baseline", tip, "baseline", None, status="running")
-    current.ledger.finish(exp_id, "ok", "keep", {"val_bpb": val_bpb, "status": "ok"}, sha=tip,
+    current.ledger.finish(exp_id, "ok", {"val_bpb": val_bpb, "status": "ok"}, sha=tip,
                           slot_class=slot_class)
 
 
@@ -107,8 +110,7 @@ def scheduler_overhead(experiments: int = 40, workers: int = 4) -> None:
             _with_baseline(current, slots[0].slot_class)
             pool = TimedWorkers(slots)
             start = time.perf_counter()
-            Scheduler(current, RandomAgent(seed=0), "random", experiments, slots,
-                      lambda kind, **_: None, pool=pool).run()
+            Scheduler(current, pool, RandomAgent(seed=0), "random", experiments).run()
             total = time.perf_counter() - start
     own = (total - pool.waited) / experiments
     verdict = "ok" if own <= 0.3 else "OVER TARGET"
@@ -127,8 +129,7 @@ def simulated_cluster(slots_n: int = 16, budget: float = 10.0, periods: int = 3)
             _with_baseline(current, "cuda:simulated")
             pool = SleepingWorkers(slots, budget)
             start = time.perf_counter()
-            Scheduler(current, RandomAgent(seed=0), "random", experiments, slots,
-                      lambda kind, **_: None, pool=pool).run()
+            Scheduler(current, pool, RandomAgent(seed=0), "random", experiments).run()
             total = time.perf_counter() - start
     per_period = experiments / (total / budget)
     verdict = "ok" if per_period >= 0.9 * slots_n else "UNDER TARGET"
@@ -139,7 +140,7 @@ def simulated_cluster(slots_n: int = 16, budget: float = 10.0, periods: int = 3)
 
 def micro_speedup(experiments: int = 6) -> None:
     """2 workers x 1 thread against 1 worker x 1 thread, real micro trainings."""
-    from autoresearch_cli.data import prepare_data
+    from autoresearch_cli.doors.data import prepare_data
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -168,13 +169,13 @@ def micro_speedup(experiments: int = 6) -> None:
             with runs.session(ws, "bench") as current:
                 _with_baseline(current, "cpu:1")  # what the baseline scores is not compared
                 start = time.perf_counter()
-                Scheduler(current, RandomAgent(seed=1), "random", experiments, slots,
-                          lambda kind, **_: None).run()
+                Scheduler(current, LocalWorkers(slots), RandomAgent(seed=1), "random",
+                          experiments).run()
                 total = time.perf_counter() - start
-                ran = [row for row in current.ledger.experiments()[1:] if row["total_seconds"]]
+                ran = [run for run in current.ledger.runs()[1:] if run.total_seconds]
             rates[label] = len(ran) / total * 3600
-            mean = statistics.fmean(row["total_seconds"] for row in ran)
-            steps = statistics.fmean(row["num_steps"] or 0 for row in ran)
+            mean = statistics.fmean(run.total_seconds for run in ran)
+            steps = statistics.fmean(run.num_steps or 0 for run in ran)
             print(f"{label}: {len(ran)} micro runs ({experiments} proposed, the rest "
                   f"combinations) in {total:.1f} s = {rates[label]:.0f} runs/hour; a run takes "
                   f"{mean:.1f} s in the sandbox, {steps:.0f} training steps")

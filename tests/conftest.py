@@ -52,8 +52,8 @@ def micro_data(tmp_path_factory) -> Path:
     import shutil
     import sysconfig
 
-    from autoresearch_cli.config import PROFILES
-    from autoresearch_cli.data import prepare_data
+    from autoresearch_cli.doors.config import PROFILES
+    from autoresearch_cli.doors.data import prepare_data
 
     corpus = tmp_path_factory.mktemp("corpus")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -76,11 +76,11 @@ def micro_ws(tmp_path, micro_data, monkeypatch, request):
     machine; tests marked `sequential` get ar's defaults."""
     import shutil
 
-    from autoresearch_cli import config, gitops, workspace
+    from autoresearch_cli.doors import config, gitops, workspace
 
     ws = workspace.init(tmp_path / "ws", profile="micro", tag="test")
     if request.node.get_closest_marker("sequential") is None:
-        settings = config.load(ws.root / config.CONFIG_NAME)
+        settings = config.load_raw(ws.root / config.CONFIG_NAME)
         settings["keep"].update(rule="one-run", min_share=0.0, min_throughput=0.0)
         config.write(ws.root / config.CONFIG_NAME, settings)
         gitops.commit_all(ws.root, "tests: one run decides")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from e2e import ar, git, result_json, rows, start_and_kill_mid_training, wait_gone
 
-from autoresearch_cli.lock import ExperimentLock, lock_path
+from autoresearch_cli.doors.lock import ExperimentLock, lock_path
 
 
 def test_baseline_trains_evaluates_and_records(micro_ws):

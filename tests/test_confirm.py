@@ -5,12 +5,14 @@ each run of a commit with the next value of its script)."""
 from __future__ import annotations
 
 import json
-import statistics
 
 import pytest
-from test_scheduler import SLOTS, ScriptedAgent, ScriptedWorkers, experiments, ok, schedule
+from test_scheduler import SLOTS, ScriptedAgent, ScriptedWorkers, experiments, ok, rows, schedule
 
-from autoresearch_cli import runs
+from autoresearch_cli.doors.config import with_keep
+from autoresearch_cli.research import session as runs
+from autoresearch_cli.research.evidence import Evidence
+from autoresearch_cli.research.scheduler import Scheduler
 
 pytestmark = pytest.mark.sequential  # ar's default keep rule and disturbed thresholds
 
@@ -38,23 +40,32 @@ class NoisyWorkers(ScriptedWorkers):
         raise AssertionError("no scripted result for this train.py")
 
 
+def set_keep(current, **changes):
+    """[keep] of this session, changed as a human would in ar.toml."""
+    current.settings = with_keep(current.settings, **changes)
+
+
 @pytest.fixture
 def session(micro_ws):
     """A workspace whose baseline ran six times on cpu:1 (the noise is measured), under
     ar's default keep rule."""
     with runs.session(micro_ws, "test") as current:
-        current.config["keep"]["rule"] = "sequential"
+        set_keep(current, rule="sequential")
         tip = micro_ws.tip()
         for value in BASELINE_RUNS:
             exp_id = current.ledger.start_experiment("baseline", tip, "baseline", None,
                                                      status="running")
-            current.ledger.finish(exp_id, "ok", "keep", ok(value), sha=tip,
+            current.ledger.finish(exp_id, "ok", ok(value), sha=tip,
                                   slot_class=SLOTS[0].slot_class)
         yield current
 
 
 def evidence(row):
     return json.loads(row["evidence"])
+
+
+def commit_values(current, sha):
+    return Evidence.load(current.ledger).commit(sha, SLOTS[0].slot_class).values
 
 
 def test_a_clear_win_is_kept_after_one_run_and_the_new_best_is_re_measured(session):
@@ -66,7 +77,7 @@ def test_a_clear_win_is_kept_after_one_run_and_the_new_best_is_re_measured(sessi
     assert session.ws.tip() == a["sha"]
     # the best is a mean: its re-measure is a ledger row, and the mean moved with it
     assert (remeasure["kind"], remeasure["sha"], remeasure["val_bpb"]) == ("remeasure", a["sha"], 1.93)
-    assert session.ledger.bpb_of(a["sha"], SLOTS[0].slot_class) == pytest.approx(1.915)
+    assert Evidence.load(session.ledger).best().mean == pytest.approx(1.915)
     # every run had its own seed
     assert len(set(pool.seeds)) == 3 and a["seed"] != remeasure["seed"]
     # the next candidate is judged against that mean
@@ -106,8 +117,7 @@ def test_a_clear_loss_is_discarded_after_one_run(session):
 
 
 def test_one_run_rule_keeps_what_the_test_would_confirm(session):
-    session.config["keep"]["rule"] = "one-run"
-    session.config["keep"]["min_delta"] = 0.0
+    set_keep(session, rule="one-run", min_delta=0.0)
     pool = NoisyWorkers(ONE, {0.05: [1.999]})
     schedule(session, ScriptedAgent([0.05]), 1, pool)
     (a,) = experiments(session)
@@ -126,11 +136,11 @@ def test_a_disturbed_run_is_set_aside_and_run_again(session):
     assert again["again_of"] == first["id"] and again["sha"] == first["sha"]
     assert again["decision"] == "discard"
     assert session.ledger.events("disturbed")
-    assert statistics.fmean(session.ledger.runs_of(first["sha"])) == 2.04  # not 1.80
+    assert commit_values(session, first["sha"]) == (2.04,)  # not 1.80
 
 
 def test_disturbed_runs_are_retried_a_bounded_number_of_times(session):
-    session.config["keep"]["disturbed_retries"] = 1
+    set_keep(session, disturbed_retries=1)
     disturbed = dict(ok(1.80), cpu_share=0.3)
     pool = NoisyWorkers(ONE, {0.05: [disturbed, disturbed]})
     schedule(session, ScriptedAgent([0.05]), 1, pool)
@@ -147,12 +157,12 @@ def test_a_run_disturbed_by_a_busy_process_is_set_aside_and_run_again(micro_ws):
     import sys
 
     from autoresearch_cli.agents.random_agent import RandomAgent
-    from autoresearch_cli.loop import iterate
+    from autoresearch_cli.research.loop import baseline, iterate
 
     with runs.session(micro_ws, "test") as current:
-        current.config["keep"]["min_share"] = 0.65  # one busy process on two cores: ~0.5
-        current.config["keep"]["rule"] = "one-run"  # no noise runs: the point is the rerun
-        runs.run_baseline(current, 1)
+        # one busy process on two cores: ~0.5; one run decides: the point is the rerun
+        set_keep(current, min_share=0.65, rule="one-run")
+        baseline(current, 1)
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         seen = []
 
@@ -166,7 +176,7 @@ def test_a_run_disturbed_by_a_busy_process_is_set_aside_and_run_again(micro_ws):
         finally:
             busy.kill()
             busy.wait()
-        first, again = [row for row in current.ledger.experiments() if row["kind"] != "baseline"]
+        first, again = [row for row in rows(current) if row["kind"] != "baseline"]
     assert first["status"] == "disturbed", first["reason"]
     assert first["cpu_share"] < 0.65 and "other processes took" in first["reason"]
     assert first["decision"] is None
@@ -187,17 +197,30 @@ def test_a_candidate_waiting_for_confirmation_when_ar_stopped_gets_it_next_time(
     a, stopped = experiments(session)
     assert a["decision"] is None and a["evidence"] and stopped["status"] == "interrupted"
     schedule(session, ScriptedAgent([]), 0, NoisyWorkers(ONE, {0.05: [1.97, 1.975]}))
-    a = session.ledger.get(a["id"])
+    a = vars(session.ledger.run(a["id"]))
     assert a["decision"] == "keep" and evidence(a)["runs"][0] == 1.975
-    resumed = [row for row in experiments(session) if "(resumed)" in (row["description"] or "")]
+    resumed = [row for row in experiments(session) if row["id"] > stopped["id"]]
     assert resumed and resumed[0]["kind"] == "confirmation" and resumed[0]["sha"] == a["sha"]
 
 
-def test_a_disturbed_baseline_run_is_set_aside_and_run_again(session, monkeypatch):
-    answers = [dict(ok(1.7), cpu_share=0.4), dict(ok(2.0), cpu_share=0.98)]
-    monkeypatch.setattr(runs, "evaluate_commit", lambda *args, **kwargs: answers.pop(0))
-    summary = runs.run_baseline(session, 1)
-    assert summary.values == [2.0]
-    first, again = session.ledger.experiments()[-2:]
-    assert (first["status"], first["decision"]) == ("disturbed", None)
-    assert (again["status"], again["decision"], again["val_bpb"]) == ("ok", "keep", 2.0)
+def test_a_disturbed_baseline_run_is_set_aside_and_run_again(session):
+    pool = NoisyWorkers(ONE, {0.04: [dict(ok(1.7), cpu_share=0.4), dict(ok(2.0), cpu_share=0.98)]})
+    Scheduler(session, pool, measures=1).run()  # `ar baseline`: the tip, through the backend
+    first, again = rows(session)[-2:]
+    assert (first["status"], first["decision"], first["kind"]) == ("disturbed", None, "baseline")
+    assert (again["status"], again["decision"], again["val_bpb"]) == ("ok", None, 2.0)
+    assert again["again_of"] == first["id"]
+    assert 1.7 not in commit_values(session, again["sha"])
+
+
+def test_a_best_whose_runs_are_always_disturbed_cannot_hold_the_loop(session):
+    """A kept commit that makes every re-measure look disturbed: its measurements are
+    bounded, and the next candidate is judged with what there is."""
+    lying = [dict(ok(1.9), cpu_share=0.2)] * 20
+    pool = NoisyWorkers(ONE, {0.05: [1.80, *lying], 0.06: [2.2]})
+    schedule(session, ScriptedAgent([0.05, 0.06]), 2, pool)
+    runs_of_best = [row for row in experiments(session) if row["kind"] == "remeasure"]
+    assert 0 < len(runs_of_best) <= 2 * (1 + session.settings.keep.disturbed_retries) + 1
+    assert all(row["status"] == "disturbed" for row in runs_of_best)
+    last = experiments(session)[-1]
+    assert last["kind"] == "experiment" and last["decision"] == "discard"

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoresearch_cli import data, sources
-from autoresearch_cli.data import prepare_data, read_manifest, split_of
+from autoresearch_cli.doors import data, sources
+from autoresearch_cli.doors.data import prepare_data, read_manifest, split_of
+from autoresearch_cli.doors.sources import ClimbmixSource, FilesSource, StdlibSource, parse_source
 from autoresearch_cli.errors import DataError
-from autoresearch_cli.sources import ClimbmixSource, FilesSource, StdlibSource, parse_source
 
 VOCAB = 320  # 63 merges: trains in milliseconds on the small corpora below
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "so", "vi", "de", "pa", "ba", "zu", "fo", "gi"]
@@ -228,7 +228,7 @@ def test_a_failed_rebuild_leaves_the_old_data_whole(tmp_path):
 KILLED_PREPARE = """
 import os, signal, sys
 from pathlib import Path
-from autoresearch_cli.data import prepare_data
+from autoresearch_cli.doors.data import prepare_data
 
 def die_at(message):
     if message.startswith(sys.argv[3]):

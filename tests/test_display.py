@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 from autoresearch_cli.display import Display
+from autoresearch_cli.doors.records import Run
+from autoresearch_cli.research.evidence import CommitEvidence
+from autoresearch_cli.research.keeprule import Noise
+
+
+def evidence_of(sha: str, *values: float) -> CommitEvidence:
+    runs = tuple(Run(id=i, kind="experiment", status="ok", started_at="", sha=sha, val_bpb=v)
+                 for i, v in enumerate(values))
+    return CommitEvidence(sha, "cpu:2", runs, Noise(0.01, 10, 3))
 
 
 def test_plain_lines_and_counts(capsys):
-    with Display(live=False, baseline=lambda: 2.0, cost=lambda: 0.25) as display:
+    standing = {"now": (evidence_of("a", 2.0, 2.02), evidence_of("a", 2.0, 2.02))}
+    with Display(live=False, standing=lambda: standing["now"], cost=lambda: 0.25) as display:
         display("start", exp_id=1, index=0, total=1, description="baseline", sha="a" * 40)
-        display("done", exp_id=1, result={"status": "ok", "val_bpb": 2.0}, decision="keep", baseline=True)
+        display("done", exp_id=1, result={"status": "ok", "val_bpb": 2.0}, action="record",
+                measure=True)
         display("start", exp_id=2, index=0, total=3, description="(proposing)", sha="a" * 40)
         display("proposed", exp_id=2, description="MATRIX_LR 0.04 -> 0.05")
-        display("done", exp_id=2, result={"status": "ok", "val_bpb": 1.9}, decision="keep")
+        standing["now"] = (evidence_of("a", 2.0, 2.02), evidence_of("b", 1.9, 1.92))
+        display("done", exp_id=2, result={"status": "ok", "val_bpb": 1.9}, action="keep")
         display("done", exp_id=3, result={"status": "timeout", "val_bpb": None, "reason": "killed at 85 s"},
-                decision=None)
-        display("done", exp_id=4, result={"status": "ok", "val_bpb": 1.95}, decision="discard")
+                action="repair")
+        display("done", exp_id=4, result={"status": "ok", "val_bpb": 1.95}, action="discard")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("#1") and "keep" in lines[0] and "2.000000" in lines[0]
-    assert "MATRIX_LR 0.04 -> 0.05" in lines[1] and "1.900000" in lines[1]
+    assert lines[0].startswith("#1") and "measured" in lines[0] and "2.000000" in lines[0]
+    assert "MATRIX_LR 0.04 -> 0.05" in lines[1] and "keep" in lines[1] and "1.900000" in lines[1]
     assert "timeout" in lines[2] and "killed at 85 s" in lines[2]
     assert "discard" in lines[3]
     status = display.status_line()
-    assert "best val_bpb 1.900000 (-0.100000 vs baseline 2.000000)" in status
+    assert "best 1.910000 ± 0.0158 (2 runs), -0.100000 vs baseline 2.010000 ± 0.0158 (2 runs)" in status
     assert "keep 1  discard 1  crash 1  invalid 0" in status and "cost $0.2500" in status
 
 

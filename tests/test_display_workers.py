@@ -14,8 +14,8 @@ def test_plain_output_has_a_line_per_start_of_training_and_per_end(capsys):
             display("proposed", exp_id=exp_id, description=f"change {exp_id}")
             display("training", exp_id=exp_id, budget=3.0, slot="1 cpu")
         display("progress", exp_id=3, progress=Progress(5, 50.0, 3.2, 1.5))
-        display("done", exp_id=3, result={"status": "ok", "val_bpb": 1.9}, decision="keep")
-        display("done", exp_id=2, result={"status": "ok", "val_bpb": 2.1}, decision="discard")
+        display("done", exp_id=3, result={"status": "ok", "val_bpb": 1.9}, action="keep")
+        display("done", exp_id=2, result={"status": "ok", "val_bpb": 2.1}, action="discard")
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
         "#2    training on 1 cpu  change 2",
@@ -37,5 +37,5 @@ def test_the_live_panel_has_a_bar_per_running_experiment():
         display("progress", exp_id=3, progress=Progress(9, 70.0, 3.0, 0.9))
         tasks = {task.description: task for task in display._progress.tasks}
         assert tasks["#2 change 2"].completed == 40.0 and tasks["#3 (proposing)"].completed == 70.0
-        display("done", exp_id=2, result={"status": "ok", "val_bpb": 2.1}, decision="discard")
+        display("done", exp_id=2, result={"status": "ok", "val_bpb": 2.1}, action="discard")
         assert [task.description for task in display._progress.tasks] == ["#3 (proposing)"]

@@ -7,7 +7,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from autoresearch_cli import workspace
+from autoresearch_cli.doors import workspace
 
 
 def git(cwd: Path, *args: str) -> str:

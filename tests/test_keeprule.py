@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
-from autoresearch_cli.keeprule import (
+from autoresearch_cli.doors.config import default_config, settings_of
+from autoresearch_cli.research.keeprule import (
     CONFIRM,
     DISCARD,
     KEEP,
@@ -75,9 +77,11 @@ def test_the_one_run_rule():
     one_run = Rule(name="one-run", min_delta=0.0)
     assert judge((1.9999,), BEST, MEASURED, one_run).verdict == KEEP
     assert judge((2.0,), BEST, MEASURED, one_run).verdict == DISCARD
-    assert Rule.from_config({"rule": "one-run", "min_delta": -1}, 0.02).min_delta == pytest.approx(0.04)
-    assert Rule.from_config({"rule": "sequential", "min_delta": -1}, 0.02).min_delta == 0.0
-    assert Rule.from_config({"min_delta": 0.01}).min_delta == 0.01
+    keep = settings_of(default_config("micro", "t"))
+    one_run = dataclasses.replace(keep.keep, rule="one-run", min_delta=-1)
+    assert Rule.from_settings(one_run, 0.02).min_delta == pytest.approx(0.04)
+    assert Rule.from_settings(dataclasses.replace(one_run, rule="sequential"), 0.02).min_delta == 0.0
+    assert Rule.from_settings(dataclasses.replace(one_run, min_delta=0.01)).min_delta == 0.01
 
 
 def test_the_false_keep_rate_stays_under_the_level():

@@ -9,19 +9,16 @@ import textwrap
 import pytest
 
 from autoresearch_cli.agents import CallRecord
-from autoresearch_cli.errors import ArError, BusyError, WorkspaceError
-from autoresearch_cli.ledger import (
+from autoresearch_cli.doors.ledger import (
     MIGRATIONS,
-    TSV_HEADER,
     Ledger,
     ledger_path,
     now,
     process_alive,
 )
-from autoresearch_cli.ledger import (
-    kept as kept_row,
-)
-from autoresearch_cli.lock import ExperimentLock
+from autoresearch_cli.doors.lock import ExperimentLock
+from autoresearch_cli.doors.records import Run
+from autoresearch_cli.errors import ArError, BusyError, WorkspaceError
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -39,8 +36,9 @@ def add(ledger, kind="experiment", parent=SHA_A, sha=SHA_B, status="ok", decisio
         val_bpb=1.0, description="try something", **result):
     experiment_id = ledger.start_experiment(kind, parent, description, "random")
     ledger.update(experiment_id, sha=sha)
-    ledger.finish(experiment_id, status, decision,
-                  {"status": status, "val_bpb": val_bpb, **result})
+    ledger.finish(experiment_id, status, {"status": status, "val_bpb": val_bpb, **result})
+    if decision is not None:
+        ledger.settle(experiment_id, decision)
     return experiment_id
 
 
@@ -51,7 +49,7 @@ def test_migrations_apply_on_a_fresh_database_and_reopen_is_idempotent(tmp_path)
         experiment_id = first.start_experiment("baseline", None, "baseline", "none")
     with Ledger(path) as again:
         assert again.schema_version == len(MIGRATIONS)
-        assert [row["id"] for row in again.experiments()] == [experiment_id]
+        assert [run.id for run in again.runs()] == [experiment_id]
     db = sqlite3.connect(path)
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"experiments", "llm_calls", "events"} <= tables
@@ -83,12 +81,13 @@ def test_finish_fills_metrics_from_result_json(ledger):
     gpu = add(ledger, val_bpb=0.99, peak_vram_mb=2048, peak_rss_mb=512, holdout_bpb=1.01,
               training_seconds=300.1, num_steps=950, num_params_M=50.3, mfu_percent=39.8)
     cpu = add(ledger, sha=SHA_C, val_bpb=1.2, peak_vram_mb=0, peak_rss_mb=1536)
-    row = ledger.get(gpu)
-    assert (row["memory_gb"], row["holdout_bpb"], row["num_steps"]) == (2.0, 1.01, 950)
-    assert row["status"] == "ok" and row["decision"] == "discard" and row["finished_at"]
-    assert row["pid"] == os.getpid() and row["host"] == socket.gethostname()
-    assert '"val_bpb": 0.99' in row["result_json"]
-    assert ledger.get(cpu)["memory_gb"] == 1.5
+    run = ledger.run(gpu)
+    assert isinstance(run, Run)
+    assert (run.memory_gb, run.holdout_bpb, run.num_steps) == (2.0, 1.01, 950)
+    assert run.status == "ok" and run.decision == "discard" and run.finished_at
+    assert run.pid == os.getpid() and run.host == socket.gethostname()
+    assert run.result["val_bpb"] == 0.99 and run.scored
+    assert ledger.run(cpu).memory_gb == 1.5
 
 
 def test_update_rejects_unknown_columns_ids_and_values(ledger):
@@ -97,33 +96,59 @@ def test_update_rejects_unknown_columns_ids_and_values(ledger):
         ledger.update(experiment_id, pid=1)
     with pytest.raises(ValueError, match="status"):
         ledger.update(experiment_id, status="great")
-    with pytest.raises(ValueError, match="finish"):
+    with pytest.raises(ValueError, match="settle"):
         ledger.update(experiment_id, decision="keep")
     with pytest.raises(ArError, match="#999"):
         ledger.update(999, status="running")
     with pytest.raises(ArError, match="#999"):
-        ledger.get(999)
+        ledger.run(999)
 
 
-def test_a_keep_needs_a_sha_and_a_failed_keep_writes_nothing(ledger):
+def test_a_keep_needs_a_scored_run_and_a_failed_keep_writes_nothing(ledger):
     experiment_id = ledger.start_experiment("experiment", SHA_A, "x", "random")
-    with pytest.raises(ValueError, match="cannot be kept"):
-        ledger.finish(experiment_id, "ok", "keep", {"status": "ok", "val_bpb": 0.9})
-    row = ledger.get(experiment_id)
-    assert row["status"] == "proposing" and row["val_bpb"] is None
+    ledger.finish(experiment_id, "ok", {"status": "ok", "val_bpb": 0.9})
+    with pytest.raises(ValueError, match="cannot be decided"):
+        ledger.settle(experiment_id, "keep")  # no sha
+    run = ledger.run(experiment_id)
+    assert run.status == "ok" and run.decision is None and not run.scored
     assert ledger.events() == []
+    ledger.update(experiment_id, sha=SHA_B)
+    ledger.settle(experiment_id, "keep", '{"p": 0.01}', reason="kept: clear win")
+    run = ledger.run(experiment_id)
+    assert run.decision == "keep" and run.judgement == {"p": 0.01} and run.reason == "kept: clear win"
+    assert [(e.kind, e.sha) for e in ledger.events()] == [("keep", SHA_B)]
 
 
 def test_experiments_are_newest_last_and_limited(ledger):
     ids = [ledger.start_experiment("experiment", SHA_A, f"e{n}", "random") for n in range(5)]
-    assert [row["id"] for row in ledger.experiments()] == ids
-    assert [row["id"] for row in ledger.experiments(limit=2)] == ids[-2:]
-    assert ledger.experiments(limit=0) == []
+    assert [run.id for run in ledger.runs()] == ids
+    assert [run.id for run in ledger.runs(limit=2)] == ids[-2:]
+    assert ledger.runs(limit=0) == []
+
+
+def test_a_reader_opens_the_ledger_read_only_beside_a_writer(tmp_path):
+    path = tmp_path / "ledger.db"
+    with pytest.raises(WorkspaceError, match="no ledger"):
+        Ledger(path, read_only=True)
+    with Ledger(path) as writer:
+        first = writer.start_experiment("baseline", None, "baseline", None)
+        with Ledger(path, read_only=True) as reader:
+            assert [run.id for run in reader.runs()] == [first]
+            second = writer.start_experiment("experiment", SHA_A, "while reading", "random")
+            assert [run.id for run in reader.runs()] == [first, second]  # sees new rows
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader._db.execute("DELETE FROM experiments")
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+    with pytest.raises(WorkspaceError, match="older than this ar"):
+        Ledger(old, read_only=True)
 
 
 KILLED_WRITER = """
     import os, sys
-    from autoresearch_cli.ledger import Ledger
+    from autoresearch_cli.doors.ledger import Ledger
     ledger = Ledger(sys.argv[1])
     experiment_id = ledger.start_experiment("experiment", "a" * 40, "doomed", "random")
     ledger.update(experiment_id, status="running", sha="b" * 40)
@@ -141,12 +166,12 @@ def test_a_sigkilled_run_is_found_and_marked_interrupted(tmp_path):
     with Ledger(path) as ledger:
         mine = ledger.start_experiment("experiment", SHA_A, "alive", "random", status="running")
         interrupted = ledger.mark_interrupted()
-        assert [row["id"] for row in interrupted] == [experiment_id]
-        assert interrupted[0]["sha"] == SHA_B and interrupted[0]["status"] == "interrupted"
-        row = ledger.get(experiment_id)
-        assert row["status"] == "interrupted" and "ended while" in row["reason"]
-        assert ledger.get(mine)["status"] == "running"
-        assert [event["kind"] for event in ledger.events()] == ["interrupted"]
+        assert [run.id for run in interrupted] == [experiment_id]
+        assert interrupted[0].sha == SHA_B and interrupted[0].status == "interrupted"
+        run = ledger.run(experiment_id)
+        assert run.status == "interrupted" and "ended while" in run.reason
+        assert ledger.run(mine).status == "running"
+        assert [event.kind for event in ledger.events()] == ["interrupted"]
         assert ledger.mark_interrupted() == []
 
 
@@ -164,18 +189,6 @@ def test_liveness_rejects_other_hosts_and_recycled_pids():
     assert not process_alive(sleeper.pid, host, now())
 
 
-def test_baseline_stats(ledger):
-    assert ledger.baseline_stats() == (None, None, 0)
-    add(ledger, kind="baseline", sha=SHA_A, decision=None, val_bpb=1.0)
-    assert ledger.baseline_stats() == (1.0, None, 1)
-    add(ledger, kind="baseline", sha=SHA_A, decision=None, val_bpb=1.02)
-    add(ledger, kind="baseline", sha=SHA_A, decision=None, val_bpb=1.04)
-    add(ledger, kind="baseline", sha=SHA_A, status="crash", decision=None, val_bpb=None)
-    add(ledger, sha=SHA_B, val_bpb=0.5)
-    mean, std, n = ledger.baseline_stats()
-    assert n == 3 and mean == pytest.approx(1.02) and std == pytest.approx(0.02)
-
-
 def test_llm_call_costs_with_an_unpriced_call(ledger):
     experiment_id = ledger.start_experiment("experiment", SHA_A, "x", "anthropic/claude")
     ledger.record_llm_call(experiment_id, {"model": "m", "prompt": [{"role": "user"}],
@@ -187,63 +200,16 @@ def test_llm_call_costs_with_an_unpriced_call(ledger):
                                             latency_s=1.5, error="timeout", attempt=2))
     total = ledger.total_cost()
     assert total.usd == pytest.approx(0.75) and total.calls == 3 and total.unpriced == 1
-    assert ledger.get(experiment_id)["cost_usd"] == pytest.approx(0.25)
+    assert ledger.run(experiment_id).cost_usd == pytest.approx(0.25)
     calls = ledger.llm_calls(experiment_id)
     assert calls[0]["prompt"] == '[{"role": "user"}]' and calls[1]["cost_usd"] is None
     with pytest.raises(ValueError, match="messages"):
         ledger.record_llm_call(None, {"messages": []})
 
 
-def test_best_follows_keeps_and_reverts(ledger):
-    assert ledger.best() is None
-    baseline = add(ledger, kind="baseline", parent=None, sha=SHA_A, decision=None, val_bpb=1.0)
-    assert ledger.best()["id"] == baseline
-    kept = add(ledger, sha=SHA_B, decision="keep", val_bpb=0.9)
-    add(ledger, parent=SHA_B, sha=SHA_C, decision="discard", val_bpb=0.95)
-    assert ledger.best()["id"] == kept
-    assert [row["id"] for row in ledger.experiments() if kept_row(row)] == [baseline, kept]
-    assert ledger.bpb_of(SHA_B) == 0.9 and ledger.bpb_of(SHA_C) == 0.95
-    ledger.add_event("revert", SHA_A, "ar revert")
-    assert ledger.best()["id"] == baseline
-    after = add(ledger, parent=SHA_A, sha=SHA_D, decision="keep", val_bpb=0.97)
-    assert ledger.best()["id"] == after
-    assert ledger.best(tip_sha=SHA_B)["id"] == kept
-    assert ledger.row_for_sha(SHA_D[:7])["id"] == after
-    with pytest.raises(ArError, match="too short"):
-        ledger.row_for_sha("ddd")
-
-
-def test_export_tsv_has_the_original_five_columns(ledger, tmp_path):
-    add(ledger, kind="baseline", parent=None, sha=SHA_A, decision=None, val_bpb=0.9979,
-        peak_vram_mb=45056)
-    add(ledger, sha=SHA_B, decision="keep", val_bpb=0.9932, peak_vram_mb=45260.8,
-        description="increase\tLR\nto 0.04")
-    add(ledger, sha=SHA_C, decision="discard", val_bpb=1.005, peak_vram_mb=45056)
-    add(ledger, sha=SHA_D, status="oom", decision="discard", val_bpb=None, peak_vram_mb=80000,
-        description="double width")
-    add(ledger, sha="e" * 40, status="crash", decision=None, val_bpb=None, description="typo")
-    add(ledger, sha=None, status="invalid", decision=None, val_bpb=None)
-    running = ledger.start_experiment("experiment", SHA_A, "still going", "random")
-    ledger.update(running, sha="f" * 40, status="running")
-    target = tmp_path / "results.tsv"
-    assert ledger.export_tsv(target) == 5
-    lines = target.read_text().splitlines()
-    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
-    assert tuple(lines[0].split("\t")) == TSV_HEADER
-    assert all(len(line.split("\t")) == 5 for line in lines)
-    assert lines[1:] == [
-        "aaaaaaa\t0.997900\t44.0\tkeep\ttry something",
-        "bbbbbbb\t0.993200\t44.2\tkeep\tincrease LR to 0.04",
-        "ccccccc\t1.005000\t44.0\tdiscard\ttry something",
-        "ddddddd\t0.000000\t0.0\tcrash\tdouble width (oom)",
-        "eeeeeee\t0.000000\t0.0\tcrash\ttypo",
-    ]
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-
-
 LOCK_HOLDER = """
     import sys, time
-    from autoresearch_cli.lock import ExperimentLock
+    from autoresearch_cli.doors.lock import ExperimentLock
     lock = ExperimentLock(sys.argv[1], command="ar iterate")
     lock.acquire()
     print("held", flush=True)
@@ -253,7 +219,7 @@ LOCK_HOLDER = """
 LOCK_CONTENDER = """
     import sys
     from autoresearch_cli.errors import BusyError
-    from autoresearch_cli.lock import ExperimentLock
+    from autoresearch_cli.doors.lock import ExperimentLock
     try:
         with ExperimentLock(sys.argv[1], command="ar run"):
             print("acquired")
@@ -293,7 +259,7 @@ def test_concurrent_writers_wait_instead_of_failing(tmp_path):
     Ledger(path).close()
     writer = """
         import sys
-        from autoresearch_cli.ledger import Ledger
+        from autoresearch_cli.doors.ledger import Ledger
         ledger = Ledger(sys.argv[1])
         for n in range(20):
             ledger.record_llm_call(None, {"model": "m", "cost_usd": 0.01})
@@ -306,7 +272,7 @@ def test_concurrent_writers_wait_instead_of_failing(tmp_path):
 
 
 def test_a_ledger_locked_too_long_is_a_workspace_error(tmp_path, monkeypatch):
-    import autoresearch_cli.ledger as ledger_module
+    import autoresearch_cli.doors.ledger as ledger_module
 
     monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_S", 0.2)
     path = tmp_path / "ledger.db"
@@ -318,19 +284,4 @@ def test_a_ledger_locked_too_long_is_a_workspace_error(tmp_path, monkeypatch):
         other.execute("ROLLBACK")
         other.close()
         ledger.add_event("note", None, "after")
-        assert [event["detail"] for event in ledger.events()] == ["after"]
-
-
-def test_scores_and_noise_by_slot_class(ledger):
-    """A commit's score, and the baseline noise, counted on one slot class: like with like."""
-    for value, slot_class in ((2.0, "cpu:2"), (2.2, "cpu:2"), (2.6, "cpu:1"), (1.8, None)):
-        exp_id = add(ledger, kind="baseline", parent=SHA_A, sha=SHA_A, decision=None,
-                     val_bpb=value)
-        ledger.update(exp_id, slot_class=slot_class)
-    assert ledger.bpb_of(SHA_A, "cpu:2") == pytest.approx(2.1)
-    assert ledger.bpb_of(SHA_A, "cpu:1") == 2.6
-    assert ledger.bpb_of(SHA_A, "cuda:H100") is None
-    assert ledger.bpb_of(SHA_A) == pytest.approx(2.15)
-    mean, std, runs = ledger.baseline_stats("cpu:1")  # its own runs and those of no class
-    assert runs == 2 and mean == pytest.approx(2.2)
-    assert ledger.baseline_stats()[2] == 4
+        assert [event.detail for event in ledger.events()] == ["after"]

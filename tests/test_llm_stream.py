@@ -4,6 +4,7 @@ Every call is recorded in a real ledger."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -19,11 +20,12 @@ from openai_stub import (
     usage_of,
 )
 
-from autoresearch_cli.agents import ENDED_BY, ProposalError, make_agent
+from autoresearch_cli.agents import ENDED_BY, History, ProposalError, make_agent
 from autoresearch_cli.agents.llm import LLMAgent, load_litellm
 from autoresearch_cli.agents.streaming import socket_of
+from autoresearch_cli.doors.config import default_config, settings_of
+from autoresearch_cli.doors.ledger import Ledger
 from autoresearch_cli.errors import AgentError
-from autoresearch_cli.ledger import Ledger
 
 TRAIN_PY = '''\
 """Fixture train.py."""
@@ -101,7 +103,7 @@ def calls(ledger: Ledger) -> list[dict]:
 def test_a_slow_writer_is_followed_and_reported(stub, ledger, progress, agent_for):
     script = stub.stream(Streamed(list(chunk_events(pieces(SEARCH_REPLY), "stop",
                                                     usage_of(300, 40))), delay_s=0.1))
-    proposal = agent_for().propose(TRAIN_PY, PROGRAM_MD, [])
+    proposal = agent_for().propose(TRAIN_PY, PROGRAM_MD, History())
     assert proposal.train_py == TRAIN_PY.replace("0.04", "0.05")
     assert len(script.sent) > 20  # it did arrive in pieces, over seconds
 
@@ -122,32 +124,34 @@ def test_a_slow_writer_is_followed_and_reported(stub, ledger, progress, agent_fo
 def test_a_local_server_needs_no_key(stub, ledger, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     stub.stream(good_stream())
-    LLMAgent("openai/qwen2.5-coder", api_base=stub.url).propose(TRAIN_PY, PROGRAM_MD, [])
+    LLMAgent("openai/qwen2.5-coder", api_base=stub.url).propose(TRAIN_PY, PROGRAM_MD, History())
     assert stub.requests[0]["headers"]["Authorization"] == "Bearer no-key"
 
 
 def test_output_limit_comes_from_the_config(stub, agent_for):
     stub.stream(good_stream())
-    agent_for(max_output_tokens=512).propose(TRAIN_PY, PROGRAM_MD, [])
+    agent_for(max_output_tokens=512).propose(TRAIN_PY, PROGRAM_MD, History())
     assert stub.requests[0]["json"]["max_tokens"] == 512
 
 
 def test_make_agent_takes_the_limits_from_the_agent_table(stub, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "dummy-key")
-    config = {"name": "llm", "model": "openai/stub-model", "api_base": stub.url,
-              "api_key_env": KEY_ENV, "max_output_tokens": 777, "call_timeout_s": 12,
-              "proposal_timeout_s": 34}
+    config = dataclasses.replace(
+        settings_of(default_config("micro", "t")).agent, name="llm", model="openai/stub-model",
+        api_base=stub.url, api_key_env=KEY_ENV, max_output_tokens=777, call_timeout_s=12,
+        proposal_timeout_s=34)
     agent = make_agent(config, seed=None, model=None, max_cost_usd=None)
     assert (agent.max_output_tokens, agent.call_timeout_s, agent.proposal_timeout_s) == (777, 12, 34)
     with pytest.raises(AgentError, match="call_timeout_s must be a positive number"):
-        make_agent({**config, "call_timeout_s": "soon"}, seed=None, model=None, max_cost_usd=None)
+        make_agent(dataclasses.replace(config, call_timeout_s="soon"), seed=None, model=None,
+                   max_cost_usd=None)
 
 
 def test_a_reply_cut_off_at_the_output_limit_goes_back_with_advice(stub, ledger, agent_for):
     stub.stream(Streamed(list(chunk_events(pieces(SEARCH_REPLY[:60]), "length",
                                            usage_of(300, 64)))))
     stub.stream(good_stream())
-    proposal = agent_for(max_output_tokens=64).propose(TRAIN_PY, PROGRAM_MD, [])
+    proposal = agent_for(max_output_tokens=64).propose(TRAIN_PY, PROGRAM_MD, History())
     assert "MATRIX_LR = 0.05" in proposal.train_py
     cut, finished = calls(ledger)
     assert cut["ended_by"] == "length" and cut["reply"] == SEARCH_REPLY[:60]
@@ -160,14 +164,14 @@ def test_replies_that_stay_cut_off_end_as_a_proposal_error(stub, ledger, agent_f
     for _ in range(3):
         stub.stream(Streamed(list(chunk_events(pieces(SEARCH_REPLY[:60]), "length"))))
     with pytest.raises(ProposalError, match=r"after 3 replies"):
-        agent_for(max_output_tokens=64).propose(TRAIN_PY, PROGRAM_MD, [])
+        agent_for(max_output_tokens=64).propose(TRAIN_PY, PROGRAM_MD, History())
     assert [call["ended_by"] for call in calls(ledger)] == ["length"] * 3
 
 
 def test_a_model_repeating_itself_is_stopped_and_told(stub, ledger, agent_for):
     stub.stream(Streamed(list(chunk_events(["Description: loop\n"] + ["again"] * 150))))
     stub.stream(good_stream())
-    proposal = agent_for().propose(TRAIN_PY, PROGRAM_MD, [])
+    proposal = agent_for().propose(TRAIN_PY, PROGRAM_MD, History())
     assert "MATRIX_LR = 0.05" in proposal.train_py
     looped, finished = calls(ledger)
     assert looped["ended_by"] == "closed" and "repeating the same chunk" in looped["error"]
@@ -185,7 +189,7 @@ def test_a_model_that_never_stops_is_cut_at_the_limits(stub, ledger, agent_for):
     agent = agent_for(call_timeout_s=1.5, proposal_timeout_s=3.0)
     started = time.monotonic()
     with pytest.raises(ProposalError, match="no usable reply within the proposal time limit of 3 s"):
-        agent.propose(TRAIN_PY, PROGRAM_MD, [])
+        agent.propose(TRAIN_PY, PROGRAM_MD, History())
     elapsed = time.monotonic() - started
     assert elapsed < 3.0 + SLACK_S
 
@@ -208,7 +212,7 @@ def test_a_stalled_stream_is_closed_at_the_call_limit(stub, ledger, agent_for, m
                          then="stall"))
     stub.stream(good_stream())
     started = time.monotonic()
-    proposal = agent_for(model, call_timeout_s=1.5).propose(TRAIN_PY, PROGRAM_MD, [])
+    proposal = agent_for(model, call_timeout_s=1.5).propose(TRAIN_PY, PROGRAM_MD, History())
     assert "MATRIX_LR = 0.05" in proposal.train_py
     stalled, finished = calls(ledger)
     assert stalled["ended_by"] == "call_timeout" and stalled["reply"] == "Description: x\n"
@@ -220,7 +224,7 @@ def test_a_stalled_stream_is_closed_at_the_call_limit(stub, ledger, agent_for, m
 def test_a_server_silent_before_any_token_is_retried(stub, ledger, agent_for):
     stub.stream(Streamed([], then="stall"))
     stub.stream(good_stream())
-    agent_for(call_timeout_s=1.0).propose(TRAIN_PY, PROGRAM_MD, [])
+    agent_for(call_timeout_s=1.0).propose(TRAIN_PY, PROGRAM_MD, History())
     silent, finished = calls(ledger)
     assert silent["ended_by"] == "call_timeout" and silent["reply"] is None
     assert finished["ended_by"] == "stop" and finished["attempt"] == 2
@@ -230,7 +234,7 @@ def test_a_proposal_out_of_time_before_the_headers_is_invalid(stub, ledger, agen
     stub.stream(Streamed(lambda: iter(()), first_delay_s=30))  # still reading the prompt
     started = time.monotonic()
     with pytest.raises(ProposalError, match="proposal time limit of 1.5 s"):
-        agent_for(proposal_timeout_s=1.5).propose(TRAIN_PY, PROGRAM_MD, [])
+        agent_for(proposal_timeout_s=1.5).propose(TRAIN_PY, PROGRAM_MD, History())
     assert time.monotonic() - started < 1.5 + SLACK_S
     (call,) = calls(ledger)
     assert call["ended_by"] == "proposal_timeout" and call["reply"] is None
@@ -245,7 +249,7 @@ def test_a_connection_dropped_mid_stream_is_retried(stub, ledger, agent_for):
     stub.stream(Streamed(list(chunk_events(["Description: ", "raise"], None, done=False)),
                          then="close"))
     stub.stream(good_stream())
-    proposal = agent_for().propose(TRAIN_PY, PROGRAM_MD, [])
+    proposal = agent_for().propose(TRAIN_PY, PROGRAM_MD, History())
     assert "MATRIX_LR = 0.05" in proposal.train_py
     dropped, finished = calls(ledger)
     assert dropped["ended_by"] == "closed" and dropped["reply"] == "Description: raise"
@@ -257,7 +261,7 @@ def test_a_stream_ending_without_a_finish_reason_is_retried_then_given_up(stub, 
     for _ in range(2):
         stub.stream(Streamed(list(chunk_events(["Description: ", "raise"], None))))
     with pytest.raises(AgentError, match="gave up after 2 attempts: .*finish_reason"):
-        agent_for(max_attempts=2).propose(TRAIN_PY, PROGRAM_MD, [])
+        agent_for(max_attempts=2).propose(TRAIN_PY, PROGRAM_MD, History())
     assert [call["ended_by"] for call in calls(ledger)] == ["closed", "closed"]
 
 
@@ -273,7 +277,7 @@ def test_ctrl_c_closes_the_stream_and_keeps_the_partial_reply(stub, ledger, agen
     threading.Thread(target=interrupt_when_streaming, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        agent_for(call_timeout_s=30).propose(TRAIN_PY, PROGRAM_MD, [])
+        agent_for(call_timeout_s=30).propose(TRAIN_PY, PROGRAM_MD, History())
     assert time.monotonic() - started < SLACK_S
     (call,) = calls(ledger)
     assert call["ended_by"] == "cancelled" and call["reply"] == "Description: half"
@@ -293,7 +297,7 @@ def test_ctrl_c_while_the_server_reads_the_prompt_hangs_up(stub, ledger, agent_f
     threading.Thread(target=interrupt_when_asked, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        agent_for(call_timeout_s=30).propose(TRAIN_PY, PROGRAM_MD, [])
+        agent_for(call_timeout_s=30).propose(TRAIN_PY, PROGRAM_MD, History())
     (call,) = calls(ledger)
     assert call["ended_by"] == "cancelled" and call["reply"] is None
     wait_for(lambda: stub.disconnects)
@@ -308,7 +312,7 @@ def test_claude_gets_a_cacheable_prefix_and_cache_reads_are_priced(stub, ledger,
                                                output_tokens=40, cache_read_tokens=5000))))
     url = stub.url.removesuffix("/v1")
     agent = agent_for("anthropic/claude-sonnet-4-5", api_base=url)
-    proposal = agent.propose(TRAIN_PY, PROGRAM_MD, [])
+    proposal = agent.propose(TRAIN_PY, PROGRAM_MD, History())
     assert "MATRIX_LR = 0.05" in proposal.train_py
 
     (request,) = stub.requests
@@ -334,7 +338,7 @@ def test_openai_models_keep_plain_messages_and_cached_tokens_are_recorded(stub, 
     stub.stream(Streamed(list(chunk_events(pieces(SEARCH_REPLY), "stop",
                                            usage_of(10_000, 40, cached_tokens=8_000),
                                            model="gpt-4o-mini"))))
-    agent_for("openai/gpt-4o-mini").propose(TRAIN_PY, PROGRAM_MD, [])
+    agent_for("openai/gpt-4o-mini").propose(TRAIN_PY, PROGRAM_MD, History())
     system = stub.requests[0]["json"]["messages"][0]
     assert system["role"] == "system" and isinstance(system["content"], str)
     (call,) = calls(ledger)
@@ -349,7 +353,7 @@ def test_a_priced_reply_cut_short_has_an_estimated_cost(stub, ledger, agent_for)
     stub.stream(Streamed(list(chunk_events(["Description: ", "half"], None, done=False)),
                          then="stall"))
     stub.stream(good_stream())
-    agent_for("openai/gpt-4o-mini", call_timeout_s=1.0).propose(TRAIN_PY, PROGRAM_MD, [])
+    agent_for("openai/gpt-4o-mini", call_timeout_s=1.0).propose(TRAIN_PY, PROGRAM_MD, History())
     cut = calls(ledger)[0]
     assert cut["ended_by"] == "call_timeout" and cut["prompt_tokens"] is None
     assert cut["cost_usd"] > 0 and cut["cost_note"].startswith("estimated")

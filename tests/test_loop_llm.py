@@ -9,8 +9,8 @@ import pytest
 from e2e import ar, git, rows, search_replace_reply
 from openai_stub import StubServer, error_body
 
-from autoresearch_cli import config as config_mod
-from autoresearch_cli import gitops
+from autoresearch_cli.doors import config as config_mod
+from autoresearch_cli.doors import gitops
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def stub():
 
 
 def point_workspace_at(ws, stub):
-    settings = config_mod.load(ws.config_path)
+    settings = config_mod.load_raw(ws.config_path)
     settings["agent"].update(name="llm", model="openai/stub-model", api_base=stub.url,
                              api_key_env="AR_TEST_KEY")
     config_mod.write(ws.config_path, settings)

@@ -11,8 +11,8 @@ import pytest
 from e2e import ar, rows, search_replace_reply
 from openai_stub import Streamed, StubServer, endless_tokens
 
-from autoresearch_cli import config as config_mod
-from autoresearch_cli import gitops
+from autoresearch_cli.doors import config as config_mod
+from autoresearch_cli.doors import gitops
 
 CALL_TIMEOUT_S = 2
 PROPOSAL_TIMEOUT_S = 3
@@ -27,7 +27,7 @@ def stub():
 
 def test_an_endless_model_makes_one_invalid_experiment_and_the_loop_goes_on(micro_ws, stub):
     root = micro_ws.root
-    settings = config_mod.load(micro_ws.config_path)
+    settings = config_mod.load_raw(micro_ws.config_path)
     settings["agent"].update(name="llm", model="openai/stub-model", api_base=stub.url,
                              api_key_env="AR_TEST_KEY", call_timeout_s=CALL_TIMEOUT_S,
                              proposal_timeout_s=PROPOSAL_TIMEOUT_S)

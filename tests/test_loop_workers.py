@@ -13,7 +13,7 @@ import psutil
 import pytest
 from e2e import AR, ar, git, rows, wait_gone
 
-from autoresearch_cli.workers import available_cpus
+from autoresearch_cli.backends.base import available_cpus
 
 needs_two_cores = pytest.mark.skipif(len(available_cpus()) < 2, reason="needs two cores")
 

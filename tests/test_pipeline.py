@@ -1,4 +1,5 @@
-"""The rules of one experiment, as tables: repairs, validation (the keep rule: test_keeprule.py)."""
+"""The rules of one experiment, as tables: validation (what follows a run: test_decide.py;
+the keep rule: test_keeprule.py)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch_cli.pipeline import should_repair, validate
-
-
-@pytest.mark.parametrize(
-    ("status", "repairs_so_far", "repair_attempts", "expected"),
-    [
-        ("crash", 0, 1, True),
-        ("timeout", 0, 1, True),
-        ("oom", 0, 2, True),
-        ("crash", 1, 2, True),
-        ("crash", 1, 1, False),  # the attempts are used up
-        ("crash", 0, 0, False),  # repairs switched off
-        ("ok", 0, 1, False),  # nothing to repair
-        ("invalid", 0, 1, False),  # never trained: the agent was told already
-        ("interrupted", 0, 1, False),
-    ],
-)
-def test_repairs(status, repairs_so_far, repair_attempts, expected):
-    assert should_repair(status, repairs_so_far, repair_attempts) is expected
-
+from autoresearch_cli.research.pipeline import validate
 
 GOOD = "def build_model(config):\n    pass\n\nprepare.save_for_eval(None, None)\n"
 

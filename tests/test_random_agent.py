@@ -8,13 +8,14 @@ import re
 
 import pytest
 
-from autoresearch_cli.agents import HistoryItem, make_agent
+from autoresearch_cli.agents import History, HistoryItem, make_agent
 from autoresearch_cli.agents.random_agent import (
     RandomAgent,
     apply_changes,
     draw_changes,
     find_constants,
 )
+from autoresearch_cli.doors.config import default_config, settings_of
 from autoresearch_cli.errors import AgentError
 
 TRAIN_PY = '''\
@@ -66,12 +67,12 @@ def changed(before: str, after: str) -> dict[str, tuple[object, object]]:
 
 def proposals(seed: int, count: int) -> list:
     agent = RandomAgent(seed=seed)
-    history: list[HistoryItem] = []
+    history = History()
     result = []
     for number in range(count):
         proposal = agent.propose(TRAIN_PY, "program", history)
         result.append(proposal)
-        history.append(HistoryItem(number, proposal.description, None, "discard", None))
+        history.items.append(HistoryItem(number, proposal.description, None, "discard", None))
     return result
 
 
@@ -93,7 +94,7 @@ def test_same_seed_same_proposals_and_different_seeds_differ():
 
 def test_every_proposal_is_valid_python_that_changes_one_or_two_values():
     for seed in range(60):
-        proposal = RandomAgent(seed=seed).propose(TRAIN_PY, "program", [])
+        proposal = RandomAgent(seed=seed).propose(TRAIN_PY, "program", History())
         ast.parse(proposal.train_py)
         assert proposal.train_py != TRAIN_PY
         assert proposal.edit_format == "mutation" and proposal.raw_reply is None
@@ -108,7 +109,7 @@ def test_every_proposal_is_valid_python_that_changes_one_or_two_values():
 
 def test_only_values_change_and_comments_stay():
     for seed in range(30):
-        proposal = RandomAgent(seed=seed).propose(TRAIN_PY, "program", [])
+        proposal = RandomAgent(seed=seed).propose(TRAIN_PY, "program", History())
         old_lines, new_lines = TRAIN_PY.splitlines(), proposal.train_py.splitlines()
         assert len(old_lines) == len(new_lines)
         for old, new in zip(old_lines, new_lines, strict=True):
@@ -123,7 +124,7 @@ def test_values_move_as_specified():
     old = values(TRAIN_PY)
     seen: set[str] = set()
     for seed in range(300):
-        new = values(RandomAgent(seed=seed).propose(TRAIN_PY, "program", []).train_py)
+        new = values(RandomAgent(seed=seed).propose(TRAIN_PY, "program", History()).train_py)
         for name in (n for n in old if old[n] != new[n]):
             seen.add(name)
             before, after = old[name], new[name]
@@ -160,32 +161,40 @@ def test_batch_sizes_stay_powers_of_two_and_divisible():
 
 def test_avoids_descriptions_already_in_history():
     text = "DEPTH = 8  # layers\n"
-    tried = [HistoryItem(1, "DEPTH 8 -> 9", 1.1, "discard", 0.01)]
+    tried = History([HistoryItem(1, "DEPTH 8 -> 9", 1.1, "discard", 0.01)])
     for seed in range(20):
         assert RandomAgent(seed=seed).propose(text, "", tried).description == "DEPTH 8 -> 7"
     # when every change was tried already, it still proposes one
-    tried.append(HistoryItem(2, "DEPTH 8 -> 7", 1.2, "discard", 0.02))
+    tried.items.append(HistoryItem(2, "DEPTH 8 -> 7", 1.2, "discard", 0.02))
     assert RandomAgent(seed=0).propose(text, "", tried).train_py != text
 
 
 def test_ratio_at_zero_starts_small_and_ratios_clamp_at_one():
     text = "WARMUP_RATIO = 0.0  # warmup\nFINAL_LR_FRAC = 1.0  # end\n"
     for seed in range(40):
-        found = values(RandomAgent(seed=seed).propose(text, "", []).train_py)
+        found = values(RandomAgent(seed=seed).propose(text, "", History()).train_py)
         assert 0.0 <= found["WARMUP_RATIO"] <= 0.1 and found["FINAL_LR_FRAC"] <= 1.0
 
 
 def test_nothing_to_mutate_is_an_agent_error():
     with pytest.raises(AgentError, match="no UPPER_CASE hyperparameters"):
-        RandomAgent(seed=0).propose("SEED = 1\nname = 'x'\n", "", [])
+        RandomAgent(seed=0).propose("SEED = 1\nname = 'x'\n", "", History())
     with pytest.raises(AgentError, match="does not parse"):
-        RandomAgent(seed=0).propose("DEPTH = (\n", "", [])
+        RandomAgent(seed=0).propose("DEPTH = (\n", "", History())
 
 
-def test_make_agent_picks_the_agent():
-    assert isinstance(make_agent({"name": "random"}, seed=1, model=None, max_cost_usd=None),
-                      RandomAgent)
+def test_make_agent_picks_the_agent_and_trust_is_the_agents_property():
+    from autoresearch_cli.agents import AGENTS, model_backed
+    from autoresearch_cli.agents.llm import LLMAgent
+
+    settings = settings_of(default_config("micro", "t")).agent
+    chosen = make_agent(settings, name="random", seed=1)
+    assert isinstance(chosen, RandomAgent) and chosen.model_backed is False
     with pytest.raises(AgentError, match="unknown agent"):
-        make_agent({"name": "oracle"}, seed=1, model=None, max_cost_usd=None)
+        make_agent(settings, name="oracle", seed=1)
     with pytest.raises(AgentError, match="needs a model"):
-        make_agent({"name": "llm", "model": ""}, seed=1, model=None, max_cost_usd=None)
+        make_agent(settings, name="llm", seed=1)
+    # the registry and the classes agree; a name ar does not know counts as model-written
+    assert AGENTS["random"].model_backed is RandomAgent.model_backed is False
+    assert AGENTS["llm"].model_backed is LLMAgent.model_backed is True
+    assert model_backed("llm") and model_backed("tree-search") and not model_backed("random")

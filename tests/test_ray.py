@@ -20,11 +20,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from autoresearch_cli import ray_backend, ray_node, runs
-from autoresearch_cli.data import read_manifest
+from autoresearch_cli.backends import ray as ray_backend
+from autoresearch_cli.backends import ray_node
+from autoresearch_cli.backends.base import Backend, Ended, Progressed
+from autoresearch_cli.backends.ray import Node, plan_cluster
+from autoresearch_cli.doors.data import prepare_data, read_manifest
 from autoresearch_cli.errors import ArError
-from autoresearch_cli.ray_backend import Node, plan_cluster
-from autoresearch_cli.workers import Ended, Progressed
+from autoresearch_cli.research import session as runs
 
 RAY = Path(sys.executable).parent / "ray"
 # Token authentication with the token in the environment of every process of the test
@@ -142,8 +144,10 @@ def specs(ws, count: int, first_id: int = 1) -> list:
 
 
 def connect(cluster, ws, workers=None):
-    return ray_backend.connect(cluster.address, workers, "cpu", read_manifest(ws.data_dir),
-                               ws.data_dir)
+    pool = ray_backend.connect(cluster.address, workers, "cpu", read_manifest(ws.data_dir),
+                               ws.data_dir, prepare=prepare_data)
+    assert isinstance(pool, Backend)
+    return pool
 
 
 def run_until_ended(pool, count: int, timeout: float = RUN_TIMEOUT_S):
@@ -223,7 +227,7 @@ def test_a_node_without_the_data_prepares_its_own_copy_and_checks_it(micro_data,
     monkeypatch.delenv("AR_RAY_DATA_DIR", raising=False)
     manifest = read_manifest(micro_data)
     hashes = ray_backend.data_hashes(manifest, micro_data)
-    copy = ray_node.node_data_dir(tmp_path / "not-on-this-node", manifest)
+    copy = ray_node.node_data_dir(tmp_path / "not-on-this-node", manifest, prepare_data)
     assert copy.is_relative_to(tmp_path / "cache")
     assert ray_node.verify_data(copy, hashes, manifest) is None
     (copy / "token_bytes.npy").write_bytes(b"other")
@@ -326,14 +330,14 @@ def test_a_node_whose_data_differs_scores_nothing(cluster, micro_ws, tmp_path):
 DRIVER = """
 import json, sys, time
 from pathlib import Path
-from autoresearch_cli import ray_backend
-from autoresearch_cli.data import read_manifest
-from autoresearch_cli.workers import Progressed
+from autoresearch_cli.backends import ray as ray_backend
+from autoresearch_cli.doors.data import read_manifest
+from autoresearch_cli.backends.base import Progressed
 from sandbox.spec import ExperimentSpec
 
 spec = ExperimentSpec.from_json(Path(sys.argv[2]).read_text())
 data = Path(spec.data_dir)
-pool = ray_backend.connect(sys.argv[1], None, "cpu", read_manifest(data), data)
+pool = ray_backend.connect(sys.argv[1], None, "cpu", read_manifest(data), data)  # no prepare: the node has the data
 slot = pool.free_slots()[0]
 task = pool.start(1, slot, spec)
 while not any(isinstance(event, Progressed) for event in pool.wait(0.5)):
@@ -406,6 +410,17 @@ def test_ar_iterate_on_the_cluster_and_a_killed_ar_picks_its_run_up(cluster, mic
     cluster_runs = [row for row in rows.values() if row["backend_task"]]
     assert len(cluster_runs) >= 2 and all(row["node"] for row in cluster_runs)
     assert not [row for row in rows.values() if row["status"] in ("running", "interrupted")]
+
+
+def test_ar_baseline_runs_through_the_cluster(cluster, micro_ws):
+    """Nothing trains in-process: `ar baseline --backend ray` runs the tip on a node."""
+    done = subprocess.run([str(Path(sys.executable).with_name("ar")), "baseline", "--backend",
+                           "ray", "--address", cluster.address], cwd=micro_ws.root,
+                          capture_output=True, text=True, timeout=2 * RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    (row,) = _ledger_rows(micro_ws.root)
+    assert (row["kind"], row["status"]) == ("baseline", "ok") and row["node"]
+    assert row["backend_task"] and "baseline val_bpb" in done.stdout
 
 
 def test_a_node_killed_mid_run_interrupts_and_requeues(cluster, micro_ws):

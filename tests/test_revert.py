@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from e2e import ar, git
 
-from autoresearch_cli import gitops
-from autoresearch_cli.ledger import Ledger
+from autoresearch_cli.doors import gitops
+from autoresearch_cli.doors.ledger import Ledger
+from autoresearch_cli.research.evidence import Evidence
 
 
 def record(ledger, kind, parent, sha, val_bpb, decision):
     exp_id = ledger.start_experiment(kind, parent, f"{kind} {val_bpb}", "random", status="running")
     ledger.update(exp_id, sha=sha)
-    ledger.finish(exp_id, "ok", decision, {"status": "ok", "val_bpb": val_bpb}, sha=sha)
+    ledger.finish(exp_id, "ok", {"status": "ok", "val_bpb": val_bpb}, sha=sha)
+    if kind != "baseline":
+        ledger.settle(exp_id, decision)
 
 
 def commit_change(root, text):
@@ -43,9 +46,10 @@ def test_revert_moves_back_to_kept_commits_only(micro_ws):
     assert git(root, "status", "--porcelain") == ""  # the checkout followed the branch
     assert "# better" not in (root / "train.py").read_text()
     with Ledger.for_workspace(root) as ledger:
-        assert ledger.best()["sha"] == base  # later experiments compare against it
-        assert [e["sha"] for e in ledger.events("revert")] == [base]
-        assert ledger.bpb_of(micro_ws.tip()) == 3.0
+        evidence = Evidence.load(ledger)
+        assert evidence.best_sha == base  # later experiments compare against it
+        assert [e.sha for e in ledger.events("revert")] == [base]
+        assert evidence.best().mean == 3.0
     # the kept commit reverted away from is still kept, and can be restored
     assert ar("revert", better[:7], cwd=root).returncode == 0
     assert git(root, "rev-parse", "autoresearch/test") == better

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from e2e import git
 
-from autoresearch_cli import gitops, runs
 from autoresearch_cli.agents.base import AgentError, CallRecord, Proposal
-from autoresearch_cli.loop import Scheduler
-from autoresearch_cli.pipeline import REPLACED_PREFIX
-from autoresearch_cli.template import set_constants
-from autoresearch_cli.workers import Ended, Slot
+from autoresearch_cli.backends.base import Backend, Ended, Slot, SlotPool
+from autoresearch_cli.doors import gitops
+from autoresearch_cli.doors.template import set_constants
+from autoresearch_cli.research import session as runs
+from autoresearch_cli.research.evidence import Evidence
+from autoresearch_cli.research.pipeline import REPLACED_PREFIX
+from autoresearch_cli.research.scheduler import Scheduler
 
 BASELINE_BPB = 2.0
 
@@ -44,27 +46,29 @@ class ScriptedAgent:
             train_py, {name: repr(new) for name, new in changes.items()}), "mutation")
 
 
-class ScriptedWorkers:
-    """Ends the experiment `pick` chooses among those running, with the result scripted for
-    its MATRIX_LR (or, keyed by tuples of (name, value), for the first set of constants its
-    train.py has); `during(pool)` runs before each end, as a job would while it trains."""
+class ScriptedWorkers(SlotPool):
+    """A Backend that trains nothing. Ends the experiment `pick` chooses among those
+    running, with the result scripted for its MATRIX_LR (or, keyed by tuples of (name,
+    value), for the first set of constants its train.py has); `during(pool)` runs before
+    each end, as a job would while it trains."""
 
     def __init__(self, slots, results, pick="first", during=None, offsets=None):
-        self.slots = slots
+        super().__init__(slots)
         self.results = results
         self.offsets = offsets or {}  # slot class -> what it adds to every val_bpb
         self.pick = pick
         self.during = during
         self.running: dict[int, tuple[Slot, object]] = {}
         self.ended: list[int] = []
+        self.specs: dict[int, object] = {}
 
-    def free_slots(self):
-        busy = {slot.index for slot, _ in self.running.values()}
-        return [slot for slot in self.slots if slot.index not in busy]
+    def _slot_of(self, running):
+        return running[0]
 
     def start(self, exp_id, slot, spec):
         assert Path(spec.code_dir, "train.py").is_file()
         self.running[exp_id] = (slot, spec)
+        self.specs[exp_id] = spec
 
     def wait(self, timeout):
         if self.during is not None:
@@ -109,7 +113,7 @@ def session(micro_ws):
     with runs.session(micro_ws, "test") as current:
         tip = micro_ws.tip()
         exp_id = current.ledger.start_experiment("baseline", tip, "baseline", None, status="running")
-        current.ledger.finish(exp_id, "ok", "keep", ok(BASELINE_BPB), sha=tip,
+        current.ledger.finish(exp_id, "ok", ok(BASELINE_BPB), sha=tip,
                               slot_class=SLOTS[0].slot_class)
         yield current
 
@@ -119,11 +123,20 @@ def schedule(current, agent, n, pool, events=None):
         if events is not None:
             events.append((kind, details))
 
-    return Scheduler(current, agent, "scripted", n, pool.slots, on_event, pool=pool).run()
+    assert isinstance(pool, Backend)  # the scripted pool implements the protocol
+    return Scheduler(current, pool, agent, "scripted", n, on_event=on_event).run()
+
+
+def rows(current):
+    return [vars(run) for run in current.ledger.runs()]
 
 
 def experiments(current):
-    return [row for row in current.ledger.experiments() if row["kind"] != "baseline"]
+    return [row for row in rows(current) if row["kind"] != "baseline"]
+
+
+def best_mean(current):
+    return Evidence.load(current.ledger).best().mean
 
 
 @pytest.mark.parametrize("pick", ["first", "last"])
@@ -148,11 +161,11 @@ def test_two_workers_finishing_in_either_order(session, pick):
     if pick == "first":
         assert a["decision"] == "keep"
         assert git(root, "rev-parse", f"{REPLACED_PREFIX}{a['sha']}") == a["sha"]
-        assert [e["sha"] for e in session.ledger.events("keep")][1:] == [a["sha"], b["sha"]]
+        assert [e.sha for e in session.ledger.events("keep")] == [a["sha"], b["sha"]]
     else:
         assert a["decision"] == "discard"
         assert git(root, "rev-parse", f"refs/ar/discarded/{a['id']}") == a["sha"]
-        assert [e["sha"] for e in session.ledger.events("keep")][1:] == [b["sha"]]
+        assert [e.sha for e in session.ledger.events("keep")] == [b["sha"]]
     assert git(root, "status", "--porcelain") == ""  # the checkout followed the branch
     assert not any(session.ws.worktrees_dir.iterdir())
 
@@ -162,14 +175,12 @@ def test_a_concurrent_keep_never_moves_the_tip_backwards(session):
     moves the branch; the later ones are discarded against it, not against their parent."""
     pool = ScriptedWorkers([*SLOTS, Slot(2, "cpu", cpus=(0,))],
                            {0.05: ok(1.7), 0.06: ok(1.8), 0.07: ok(1.9)}, pick="first")
-    scheduler_slots = pool.slots
-    outcome = Scheduler(session, ScriptedAgent([0.05, 0.06, 0.07]), "scripted", 3,
-                        scheduler_slots, lambda kind, **_: None, pool=pool).run()
+    outcome = schedule(session, ScriptedAgent([0.05, 0.06, 0.07]), 3, pool)
     assert outcome.started == 3
     rows = [r for r in experiments(session) if r["kind"] == "experiment"]
     assert [r["decision"] for r in rows] == ["keep", "discard", "discard"]
     assert session.ws.tip() == rows[0]["sha"]
-    assert session.ledger.bpb_of(session.ws.tip()) == 1.7
+    assert best_mean(session) == 1.7
 
 
 def test_a_crash_gets_one_repair_that_sees_the_failure(session):
@@ -257,12 +268,12 @@ def test_a_slot_class_without_a_score_of_the_tip_measures_it_first(session):
     pool = ScriptedWorkers([GPU], {0.04: ok(2.0), 0.06: ok(2.1)}, offsets={"cuda:H100": -0.5})
     events = []
     schedule(session, ScriptedAgent([0.06]), 1, pool, events)
-    measured, b = session.ledger.experiments()[1:]
+    measured, b = rows(session)[1:]
     assert measured["kind"] == "baseline" and measured["sha"] == b["parent_sha"]
     assert (measured["slot_class"], measured["val_bpb"]) == ("cuda:H100", 1.5)
     assert (b["slot_class"], b["val_bpb"], b["decision"]) == ("cuda:H100", 1.6, "discard")
-    judged = {d["exp_id"]: d.get("best_bpb") for kind, d in events if kind == "done"}
-    assert judged[b["id"]] == 1.5
+    judged = {d["exp_id"]: d.get("judgement") for kind, d in events if kind == "done"}
+    assert judged[b["id"]].best_runs == (1.5,)
     assert session.ws.tip() == b["parent_sha"]
 
 
@@ -272,14 +283,14 @@ def test_a_result_waits_for_the_new_tip_to_be_measured_on_its_class(session):
     A's CPU score (1.9) would have kept it."""
     root, base = session.ws.root, session.ws.tip()
     exp_id = session.ledger.start_experiment("baseline", base, "baseline", None, status="running")
-    session.ledger.finish(exp_id, "ok", None, ok(1.5), sha=base, slot_class=GPU.slot_class)
+    session.ledger.finish(exp_id, "ok", ok(1.5), sha=base, slot_class=GPU.slot_class)
     pool = ScriptedWorkers([SLOTS[0], GPU], {0.05: ok(1.9), 0.06: ok(1.95)},
                            pick="first", offsets={"cuda:H100": -0.5})
     schedule(session, ScriptedAgent([0.05, 0.06]), 2, pool)
-    rows = session.ledger.experiments()[2:]
-    a, b, measured = rows[0], rows[1], rows[2]
+    a, b, measured, combined = rows(session)[2:]
     assert a["decision"] == "keep" and a["slot_class"] == "cpu:1"
-    assert measured["kind"] == "baseline" and measured["sha"] == a["sha"]
+    assert measured["kind"] == "remeasure" and measured["sha"] == a["sha"]  # a run of the best
+    assert combined["kind"] == "combination"  # B beat its parent too, at the same time
     assert (measured["slot_class"], measured["val_bpb"]) == ("cuda:H100", 1.4)
     assert (b["slot_class"], b["val_bpb"], b["decision"]) == ("cuda:H100", 1.45, "discard")
     assert b["finished_at"] >= measured["finished_at"]

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoresearch_cli import config
-from autoresearch_cli.resources import template_dir
-from autoresearch_cli.template import TRAIN_OVERRIDES, render_train_py, set_constants
+from autoresearch_cli.doors import config
+from autoresearch_cli.doors.resources import template_dir
+from autoresearch_cli.doors.template import TRAIN_OVERRIDES, render_train_py, set_constants
 
 SUMMARY_KEYS = ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth")

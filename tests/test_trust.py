@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 import sandbox
-from autoresearch_cli import gitops, loop, runs
 from autoresearch_cli.agents import Proposal
+from autoresearch_cli.doors import gitops
+from autoresearch_cli.doors.ledger import Ledger
+from autoresearch_cli.research import loop
+from autoresearch_cli.research import session as runs
 from sandbox.confine import support
 from sandbox.evaluate import evaluate
 from sandbox.experiment import run_experiment
@@ -32,11 +35,11 @@ IN_WORKER = 'if __name__ != "__main__":\n'  # the model worker imports train.py
 
 
 def spec_for(ws, code_dir: Path, run_dir: Path) -> ExperimentSpec:
-    profile = ws.config()["profile"]
+    profile = ws.settings().profile
     return ExperimentSpec(
         code_dir=str(code_dir), run_dir=str(run_dir), data_dir=str(ws.data_dir),
-        time_budget=profile["time_budget"], startup_allowance=30,
-        eval_tokens=profile["eval_tokens"], seq_len=profile["max_seq_len"], eval_timeout=60,
+        time_budget=profile.time_budget, startup_allowance=30,
+        eval_tokens=profile.eval_tokens, seq_len=profile.max_seq_len, eval_timeout=60,
         device="cpu",
     )
 
@@ -82,7 +85,7 @@ def test_writing_outside_the_run_is_refused(micro_ws, tmp_path, where):
 
 
 def test_opening_the_ledger_is_refused(micro_ws, tmp_path):
-    with runs.Ledger.for_workspace(micro_ws.root):
+    with Ledger.for_workspace(micro_ws.root):
         pass  # the ledger exists
     ledger = micro_ws.state_dir / "ledger.db"
     attack = (f"import sqlite3\ndb = sqlite3.connect({str(ledger)!r})\n"
@@ -152,7 +155,7 @@ F.cross_entropy = lambda *args, **kwargs: honest(*args, **kwargs) / 2
     assert result.status == "ok"
     (code / "train.py").write_text((micro_ws.root / "train.py").read_text())  # honest code
     rescored = evaluate(code, tmp_path / "run" / "out", micro_ws.data_dir,
-                        result.eval_tokens, micro_ws.config()["profile"]["max_seq_len"])
+                        result.eval_tokens, micro_ws.settings().profile.max_seq_len)
     assert rescored["val_bpb"] == pytest.approx(result.val_bpb, rel=1e-6)
 
 
@@ -160,6 +163,8 @@ def test_a_forged_keep_through_ar_iterate_never_moves_the_branch(micro_ws):
     """The whole loop: a proposal whose worker forges eval.json is invalid, not kept."""
 
     class Forger:
+        model_backed = True
+
         def propose(self, train_py, program_md, history, failure=None):
             attack = ("import sys, pathlib\n"
                       "w = pathlib.Path(sys.argv[sys.argv.index('--weights-dir') + 1])\n"
@@ -169,7 +174,7 @@ def test_a_forged_keep_through_ar_iterate_never_moves_the_branch(micro_ws):
     with runs.session(micro_ws, "test") as current:
         tip = micro_ws.tip()
         loop.iterate(current, Forger(), "llm", 1)
-        rows = current.ledger.experiments()
+        rows = [vars(run) for run in current.ledger.runs()]
     forged = rows[-1]
     assert forged["status"] == "invalid" and forged["val_bpb"] is None
     assert "Permission denied" in forged["reason"]

@@ -3,7 +3,7 @@ the user names the risk."""
 
 from __future__ import annotations
 
-from autoresearch_cli.ledger import Ledger
+from autoresearch_cli.doors.ledger import Ledger
 
 
 def test_llm_agent_refuses_to_run_unconfined_without_the_flag(micro_ws, cli, monkeypatch):
@@ -14,8 +14,8 @@ def test_llm_agent_refuses_to_run_unconfined_without_the_flag(micro_ws, cli, mon
     assert "refusing to run LLM-written train.py unconfined" in result.output
     assert "--unsafe-unconfined" in result.output
     with Ledger.for_workspace(micro_ws.root) as ledger:
-        assert ledger.experiments() == []  # nothing ran
-        assert [event["kind"] for event in ledger.events()] == ["unconfined"]
+        assert ledger.runs() == []  # nothing ran
+        assert [event.kind for event in ledger.events()] == ["unconfined"]
 
 
 def test_the_flag_names_the_risk_and_lets_it_through(micro_ws, cli, monkeypatch):
@@ -24,3 +24,29 @@ def test_the_flag_names_the_risk_and_lets_it_through(micro_ws, cli, monkeypatch)
     result = cli("iterate", "--n", "1", "--agent", "llm", "--unsafe-unconfined")
     assert "refusing to run" not in result.output
     assert "the llm agent needs a model" in result.output
+
+
+def test_model_written_code_on_the_branch_is_refused_whatever_the_agent(micro_ws, cli,
+                                                                           monkeypatch):
+    """Trust is a property of the code's origin: a random agent (or `ar baseline`) building
+    on a commit an llm agent proposed would run model-written code."""
+    from autoresearch_cli.doors import gitops
+
+    monkeypatch.setenv("AR_SANDBOX_LANDLOCK", "0")
+    root, base = micro_ws.root, micro_ws.tip()
+    with (root / "train.py").open("a") as handle:
+        handle.write("# written by a model\n")
+    written = gitops.commit_all(root, "a model's change")
+    with Ledger.for_workspace(root) as ledger:
+        first = ledger.start_experiment("baseline", base, "baseline", None, status="running")
+        ledger.finish(first, "ok", {"status": "ok", "val_bpb": 3.0}, sha=base)
+        made = ledger.start_experiment("experiment", base, "a model's change", "llm",
+                                       status="running")
+        ledger.finish(made, "ok", {"status": "ok", "val_bpb": 2.9}, sha=written)
+        ledger.settle(made, "keep")
+    for args in (("iterate", "--n", "1", "--agent", "random"), ("baseline",)):
+        result = cli(*args)
+        assert result.exit_code == 1, result.output
+        assert "refusing to run LLM-written train.py unconfined" in result.output
+    with Ledger.for_workspace(root) as ledger:
+        assert [run.id for run in ledger.runs()] == [first, made]  # nothing more ran

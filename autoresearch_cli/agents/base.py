@@ -7,13 +7,12 @@ without going through the package (no import circle).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from autoresearch_cli.errors import AgentError
 
 EditFormat = Literal["search_replace", "whole_file", "mutation", "combination"]
-AGENT_NAMES = ("random", "llm")
 
 
 class ProposalError(AgentError):
@@ -39,11 +38,28 @@ class Proposal:
 
 @dataclass
 class HistoryItem:
+    """One tried change: a commit (its mean over its runs) or a proposal that never ran."""
+
     experiment_id: int | str
     description: str
-    val_bpb: float | None
-    status: str  # keep, discard, crash, invalid, timeout, ...
-    delta: float | None  # val_bpb minus the best before it; negative is better
+    val_bpb: float | None  # the commit's mean val_bpb over its runs; None: never scored
+    status: str  # baseline, keep, discard, pending, crash, invalid, timeout, ...
+    delta: float | None  # val_bpb minus its parent's mean; negative is better
+    runs: int = 1  # the scored runs behind val_bpb
+    reason: str | None = None  # why it ended so (the keep test's line, a failure's cause)
+
+
+@dataclass
+class History:
+    """What an agent is told of the research so far."""
+
+    items: list[HistoryItem] = field(default_factory=list)
+    noise: float | None = None  # the spread of val_bpb between runs of one commit
+    noise_df: int = 0
+    best: HistoryItem | None = None  # the incumbent, as the keep test sees it
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 @dataclass
@@ -86,7 +102,11 @@ class Parent:
 
 
 class Agent(Protocol):
-    def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
+    # Whether the train.py it proposes comes from a model (and so is written by something
+    # rewarded by the score): such code runs only confined, or where the user allowed it.
+    model_backed: bool
+
+    def propose(self, train_py: str, program_md: str, history: History,
                 failure: str | None = None, record_call: RecordCall | None = None
                 ) -> Proposal:
         """A new train.py for `train_py`; each model call made for it goes to `record_call`."""

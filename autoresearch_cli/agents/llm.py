@@ -24,7 +24,7 @@ from typing import Any
 from autoresearch_cli.agents.base import (
     BudgetExceeded,
     CallRecord,
-    HistoryItem,
+    History,
     OnStream,
     Proposal,
     ProposalError,
@@ -89,6 +89,8 @@ def load_litellm() -> Any:
 
 
 class LLMAgent:
+    model_backed = True  # its train.py is written by a model: it runs only confined
+
     def __init__(self, model: str, *, api_base: str | None = None,
                  api_key_env: str | None = None, temperature: float | None = 0.7,
                  max_cost_usd: float | None = None, record_call: RecordCall | None = None,
@@ -129,7 +131,7 @@ class LLMAgent:
 
     # --- proposing -----------------------------------------------------------------------
 
-    def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
+    def propose(self, train_py: str, program_md: str, history: History,
                 failure: str | None = None, record_call: RecordCall | None = None) -> Proposal:
         """`record_call`, when given, hears this proposal's calls instead of the agent's."""
         litellm = load_litellm()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoresearch_cli.agents.base import HistoryItem
+from autoresearch_cli.agents.base import History, HistoryItem
 
 REPLY_FORMAT = """\
 # How to reply
@@ -44,7 +44,7 @@ KEEP_FIRST = 3
 KEEP_BEST = 5
 
 
-def build_messages(program_md: str, train_py: str, history: list[HistoryItem],
+def build_messages(program_md: str, train_py: str, history: History,
                    failure: str | None, max_history_chars: int = 6000) -> list[dict[str, str]]:
     """The chat messages for one proposal: system = instructions, user = the state.
 
@@ -88,19 +88,23 @@ def failure_section(failure: str) -> str:
     return f"The last proposal failed:\n\n```\n{tail}\n```\n\n{REPAIR_ADVICE}"
 
 
-def history_section(history: list[HistoryItem], max_chars: int = 6000) -> str:
-    """A table of past experiments, cut to about `max_chars` when it is long.
+def history_section(history: History, max_chars: int = 6000) -> str:
+    """A table of past experiments, one line per commit, cut to about `max_chars`.
 
-    A long history keeps the first few rows (the baseline), the best results and as many
-    of the most recent rows as fit; a marker line says how many rows were left out.
+    Each commit's val_bpb is the mean of its runs, the number the keep test reads; the
+    header says how far runs of one commit spread, so that a model can tell a real step
+    from a lucky run. A long history keeps the first few rows (the baseline), the best
+    results and as many of the most recent rows as fit; a marker says how many were cut.
     """
-    if not history:
+    if not history.items:
         return "No experiments have run yet."
-    rows = [_row(item) for item in history]
-    header = ("Experiments so far (delta: val_bpb minus the best before it; negative is "
-              "better):\nid | status | val_bpb | delta | description")
+    rows = [_row(item) for item in history.items]
+    header = "\n".join(["Experiments so far, one line per commit (val_bpb: the mean over its "
+                        "runs; vs parent: that mean minus its parent's, negative is better).",
+                        _noise_line(history),
+                        "id | outcome | val_bpb (runs) | vs parent | description | why"])
     summary = _summary(history)
-    chosen = _choose_rows(history, rows, max_chars - len(header) - len(summary))
+    chosen = _choose_rows(history.items, rows, max_chars - len(header) - len(summary))
     lines = [header]
     previous = -1
     for index in chosen:
@@ -114,21 +118,35 @@ def history_section(history: list[HistoryItem], max_chars: int = 6000) -> str:
     return "\n".join(lines)
 
 
+def _noise_line(history: History) -> str:
+    if history.noise is None:
+        return ("The noise between runs is not measured yet: treat any single difference "
+                "with caution.")
+    return (f"Runs of one commit with different seeds differ by about {history.noise:.4f} "
+            f"val_bpb (measured over {history.noise_df} degrees of freedom): a single-run "
+            f"difference smaller than about {2 * history.noise:.4f} is luck, not a result. "
+            "A change is kept only when the keep test shows it better over its runs.")
+
+
 def _row(item: HistoryItem) -> str:
-    val_bpb = "-" if item.val_bpb is None else f"{item.val_bpb:.6f}"
+    val_bpb = "-" if item.val_bpb is None else f"{item.val_bpb:.6f} ({item.runs})"
     delta = "-" if item.delta is None else f"{item.delta:+.6f}"
-    description = " ".join((item.description or "").split())
-    if len(description) > DESCRIPTION_CHARS:
-        description = description[:DESCRIPTION_CHARS - 3] + "..."
-    return f"{item.experiment_id} | {item.status} | {val_bpb} | {delta} | {description}"
+    return (f"{item.experiment_id} | {item.status} | {val_bpb} | {delta} | "
+            f"{_clip(item.description)} | {_clip(item.reason or '')}")
 
 
-def _summary(history: list[HistoryItem]) -> str:
-    scored = [item for item in history if item.val_bpb is not None]
-    text = f"{len(history)} experiments in all"
-    if scored:
-        best = min(scored, key=lambda item: item.val_bpb)
-        text += f"; the best val_bpb is {best.val_bpb:.6f} (experiment {best.experiment_id})"
+def _clip(text: str) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= DESCRIPTION_CHARS else text[:DESCRIPTION_CHARS - 3] + "..."
+
+
+def _summary(history: History) -> str:
+    text = f"{len(history.items)} experiments in all"
+    best = history.best
+    if best is not None and best.val_bpb is not None:
+        text += (f"; the best (the commit every change is judged against) is "
+                 f"{best.experiment_id}: {best.val_bpb:.6f} over {best.runs} run"
+                 f"{'s' * (best.runs != 1)}")
     return text + "."
 
 

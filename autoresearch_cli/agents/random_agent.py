@@ -15,9 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from autoresearch_cli.agents.base import HistoryItem, Proposal, RecordCall
+from autoresearch_cli.agents.base import History, Proposal, RecordCall
+from autoresearch_cli.doors.template import assigned_name, set_constants
 from autoresearch_cli.errors import AgentError
-from autoresearch_cli.template import assigned_name, set_constants
 
 FACTORS = (0.5, 0.7, 0.8, 1.25, 1.4, 2.0)
 WINDOW_PATTERNS = ("L", "SL", "SSL", "SSSL", "SSLL")
@@ -45,18 +45,20 @@ class Change:
 
 
 class RandomAgent:
+    model_backed = False  # its train.py is the parent's with constants changed by ar
+
     def __init__(self, seed: int | None = None):
         self.seed = seed
         self._unseeded = random.Random()
 
-    def propose(self, train_py: str, program_md: str, history: list[HistoryItem],
+    def propose(self, train_py: str, program_md: str, history: History,
                 failure: str | None = None, record_call: RecordCall | None = None) -> Proposal:
         constants = find_constants(train_py)
         if not any(_mutations(constant, constants) for constant in constants.values()):
             raise AgentError("train.py has no UPPER_CASE hyperparameters the random agent "
                              "can change")
         rng = self._rng(train_py, history, failure)
-        tried = {item.description for item in history}
+        tried = {item.description for item in history.items}
         fallback = None
         for _ in range(DRAWS):
             changes = draw_changes(constants, rng)
@@ -70,7 +72,7 @@ class RandomAgent:
             description, changes = fallback
         return Proposal(description, apply_changes(train_py, constants, changes), "mutation")
 
-    def _rng(self, train_py: str, history: list[HistoryItem],
+    def _rng(self, train_py: str, history: History,
              failure: str | None) -> random.Random:
         if self.seed is None:
             return self._unseeded

@@ -1,9 +1,9 @@
 """The node side of the Ray backend: trusted code that runs in a Ray worker process on
-the node (ray_backend.py is the driver's side).
+the node (backends/ray.py is the driver's side).
 
 SlotActor writes the commit's files to a temp dir, finds this node's copy of the
 data and checks it against the driver's hashes (a mismatch is an invalid run, never a
-score), then runs `python -m autoresearch_cli.worker_process` as LocalWorkers does: the
+score), then runs `python -m autoresearch_cli.backends.worker_process` as LocalWorkers does: the
 same confinement and trusted scorer. It answers with plain bytes and JSON (result.json,
 the logs, an ok run's weights); nothing the candidate's code made is returned as an object.
 """
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autoresearch_cli.backends.local import last_line, read_result
 from autoresearch_cli.errors import DataError
-from autoresearch_cli.workers import last_line, read_result
 
 DATA_FILES = ("train.bin", "val.bin", "holdout.bin", "tokenizer.pkl", "token_bytes.npy")
 MANIFEST_KEYS = ("dtype", "bos_id", "vocab_size", "splits", "tokenizer_sha256")
@@ -40,7 +40,7 @@ MAX_LOG_BYTES = 4 << 20  # the tail of a log sent back
 
 def probe_node() -> dict[str, Any]:
     """This node's host name, the cores its processes may use and its GPU models."""
-    from autoresearch_cli.workers import available_cpus
+    from autoresearch_cli.backends.base import available_cpus
 
     names: list[str] = []
     try:
@@ -158,12 +158,12 @@ class SlotActor:
 
     def _experiment(self, run: Run, payload: dict[str, Any], workdir: Path,
                     info: dict[str, Any]) -> dict[str, Any]:
-        from autoresearch_cli.worker_process import FAILED_EXIT
+        from autoresearch_cli.backends.worker_process import FAILED_EXIT
         from sandbox.spec import ExperimentSpec
 
         spec = ExperimentSpec.from_json(payload["spec"])
         try:
-            data_dir = node_data_dir(Path(spec.data_dir), payload["manifest"])
+            data_dir = node_data_dir(Path(spec.data_dir), payload["manifest"], payload["prepare"])
             problem = verify_data(data_dir, payload["hashes"], payload["manifest"])
         except (DataError, OSError) as exc:
             data_dir, problem = None, f"no usable data: {exc}"
@@ -204,7 +204,7 @@ class SlotActor:
 
 def node_slot_class(device: str, planned: str) -> str:
     """The class of the GPU Ray gave this run (CUDA_VISIBLE_DEVICES); on CPU, the plan's."""
-    from autoresearch_cli.workers import slot_class_of
+    from autoresearch_cli.backends.base import slot_class_of
 
     gpus = [gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
             if gpu.strip()]
@@ -226,9 +226,10 @@ def run_files(run_dir: Path, with_weights: bool) -> dict[str, bytes]:
     return files
 
 
-def node_data_dir(driver_path: Path, manifest: dict[str, Any]) -> Path:
+def node_data_dir(driver_path: Path, manifest: dict[str, Any], prepare: Any) -> Path:
     """Where this node's copy of the data is: AR_RAY_DATA_DIR, else the driver's path when
-    the node sees it (shared storage), else a cache it prepares from the manifest."""
+    the node sees it (shared storage), else a cache it prepares from the manifest with
+    `prepare` (the data door's prepare_data, handed down by the driver)."""
     configured = os.environ.get("AR_RAY_DATA_DIR")
     if configured:
         data_dir = Path(configured)
@@ -241,14 +242,12 @@ def node_data_dir(driver_path: Path, manifest: dict[str, Any]) -> Path:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         data_dir = cache / "ar" / "data" / hashlib.sha256(request.encode()).hexdigest()[:16]
     if not (data_dir / "manifest.json").is_file():
-        _prepare(data_dir, manifest)
+        _prepare(data_dir, manifest, prepare)
     return data_dir
 
 
-def _prepare(data_dir: Path, manifest: dict[str, Any]) -> None:
+def _prepare(data_dir: Path, manifest: dict[str, Any], prepare_data: Any) -> None:
     """`ar prepare` on this node with the driver's parameters (one at a time per node)."""
-    from autoresearch_cli.data import prepare_data
-
     while True:
         try:
             prepare_data(data_dir, source=manifest["source"], vocab_size=manifest["vocab_size"],

@@ -6,7 +6,7 @@ In a wheel they are shipped under autoresearch_cli/_bundled/; in a source checko
 
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # autoresearch_cli/
 
 
 def _locate(name: str) -> Path:

@@ -25,8 +25,8 @@ import numpy as np
 import rustbpe
 import tiktoken
 
+from autoresearch_cli.doors.sources import Source, parse_source
 from autoresearch_cli.errors import DataError
-from autoresearch_cli.sources import Source, parse_source
 
 # ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 PUBLIC_PROFILES = ("cpu", "gpu")
+RULES = ("sequential", "one-run")  # [keep] rule: research/keeprule.py
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
@@ -109,6 +111,97 @@ def default_config(profile: str, tag: str, budget: int | None = None) -> dict[st
     return {key: config[key] for key in ("workspace", "profile", "data", "sandbox", "agent", "keep")}
 
 
+# --- the typed settings the core reads ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    vocab_size: int
+    max_seq_len: int
+    time_budget: float
+    eval_tokens: int
+    startup_allowance: float
+    eval_timeout: float
+    device: str  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    source: str
+    val_percent: int
+    holdout_percent: int
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    max_rss_mb: float
+    max_vram_mb: float
+    max_file_mb: float
+    max_open_files: int
+    network: bool
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    name: str
+    model: str
+    api_base: str
+    api_key_env: str
+    repair_attempts: int
+    temperature: float
+    max_output_tokens: int
+    call_timeout_s: float
+    proposal_timeout_s: float
+
+
+@dataclass(frozen=True)
+class KeepSettings:
+    rule: str
+    level: float
+    max_runs: int
+    noise_runs: int
+    best_runs: int
+    min_delta: float
+    min_share: float
+    min_throughput: float
+    disturbed_retries: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """ar.toml, checked and typed: what every command reads."""
+
+    tag: str
+    branch: str
+    profile: Profile
+    data: DataSettings
+    sandbox: SandboxSettings
+    agent: AgentSettings
+    keep: KeepSettings
+
+
+def _typed(kind: type, table: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(kind)}
+    return kind(**{key: value for key, value in table.items() if key in names})
+
+
+def with_keep(settings: Settings, **changes: Any) -> Settings:
+    """`settings` with some [keep] values changed (what a human would write in ar.toml)."""
+    return replace(settings, keep=replace(settings.keep, **changes))
+
+
+def settings_of(config: dict[str, Any]) -> Settings:
+    """The typed view of a checked ar.toml dict."""
+    workspace = config["workspace"]
+    return Settings(
+        tag=str(workspace.get("tag", "run")), branch=str(workspace["branch"]),
+        profile=_typed(Profile, config["profile"]), data=_typed(DataSettings, config["data"]),
+        sandbox=_typed(SandboxSettings, config["sandbox"]),
+        agent=_typed(AgentSettings, config["agent"]), keep=_typed(KeepSettings, config["keep"]),
+    )
+
+
 def dumps(config: dict[str, Any]) -> str:
     header = "# ar workspace settings: edited by the human, never by an agent.\n"
     return header + tomli_w.dumps(config)
@@ -118,12 +211,19 @@ def write(path: Path, config: dict[str, Any]) -> None:
     path.write_text(dumps(config))
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read ar.toml and fill in defaults for tables or keys it does not have."""
+def load(path: Path) -> Settings:
+    """ar.toml, checked, with defaults for what it does not say, as typed settings."""
+    return settings_of(load_raw(path))
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    """Read ar.toml and fill in defaults for tables or keys it does not have (checked)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read: {exc}") from None
     try:
         loaded = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -143,17 +243,25 @@ def load(path: Path) -> dict[str, Any]:
 
 def _check(config: dict[str, Any], path: Path) -> None:
     profile = config["profile"]
-    for key in ("vocab_size", "max_seq_len", "time_budget", "eval_tokens"):
+    for key in ("vocab_size", "max_seq_len", "time_budget", "eval_tokens", "startup_allowance",
+                "eval_timeout"):
         value = profile.get(key)
-        if not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{path}: [profile] {key} must be a positive number, got {value!r}")
     if profile["vocab_size"] > 65536:
         raise ConfigError(f"{path}: [profile] vocab_size {profile['vocab_size']} does not fit uint16 tokens")
     if profile.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{path}: [profile] device must be auto, cpu or cuda")
-    keep = config["keep"]
-    if keep.get("rule") not in ("sequential", "one-run"):
-        raise ConfigError(f"{path}: [keep] rule must be sequential or one-run, got {keep.get('rule')!r}")
+    _check_keep(config["keep"], path)
+    agent = config["agent"]
+    if not isinstance(agent.get("repair_attempts"), int) or agent["repair_attempts"] < 0:
+        raise ConfigError(f"{path}: [agent] repair_attempts must be an integer of at least 0, "
+                          f"got {agent.get('repair_attempts')!r}")
+
+
+def _check_keep(keep: dict[str, Any], path: Path) -> None:
+    if keep.get("rule") not in RULES:
+        raise ConfigError(f"{path}: [keep] rule must be one of {', '.join(RULES)}, got {keep.get('rule')!r}")
     if not isinstance(keep.get("level"), int | float) or not 0 < keep["level"] < 1:
         raise ConfigError(f"{path}: [keep] level must be between 0 and 1, got {keep.get('level')!r}")
     for key, least in (("max_runs", 1), ("noise_runs", 1), ("best_runs", 1),
@@ -164,3 +272,5 @@ def _check(config: dict[str, Any], path: Path) -> None:
     for key in ("min_share", "min_throughput"):
         if not isinstance(keep.get(key), int | float) or not 0 <= keep[key] <= 1:
             raise ConfigError(f"{path}: [keep] {key} must be between 0 and 1, got {keep.get(key)!r}")
+    if not isinstance(keep.get("min_delta"), int | float):
+        raise ConfigError(f"{path}: [keep] min_delta must be a number, got {keep.get('min_delta')!r}")

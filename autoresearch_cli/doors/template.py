@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 
-from autoresearch_cli.resources import template_dir
+from autoresearch_cli.doors.resources import template_dir
 
 # Profile -> {CONSTANT_NAME: Python literal}. The gpu profile is the template as written.
 TRAIN_OVERRIDES: dict[str, dict[str, str]] = {

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli import config as config_mod
-from autoresearch_cli import gitops, resources
+from autoresearch_cli.doors import config as config_mod
+from autoresearch_cli.doors import gitops, resources
 from autoresearch_cli.errors import WorkspaceError
 
 TRACKED_FILES = ("train.py", "prepare.py", "program.md", "ar.toml", ".gitignore")
@@ -51,12 +51,13 @@ class Workspace:
     def results_tsv(self) -> Path:
         return self.root / "results.tsv"
 
-    def config(self) -> dict[str, Any]:
+    def settings(self) -> config_mod.Settings:
+        """ar.toml, checked and typed (read afresh: the human may edit it between runs)."""
         return config_mod.load(self.config_path)
 
     @property
     def branch(self) -> str:
-        return self.config()["workspace"]["branch"]
+        return self.settings().branch
 
     def branch_ref(self) -> str:
         return f"refs/heads/{self.branch}"
@@ -127,7 +128,7 @@ def _refuse_existing(directory: Path) -> None:
 
 
 def _write_files(directory: Path, profile: str, settings: dict[str, Any]) -> None:
-    from autoresearch_cli.template import render_train_py
+    from autoresearch_cli.doors.template import render_train_py
 
     template = resources.template_dir()
     (directory / "train.py").write_text(render_train_py(profile))

@@ -1,4 +1,4 @@
-"""One experiment in a process of its own: `python -m autoresearch_cli.worker_process SPEC`.
+"""One experiment in a process of its own: `python -m autoresearch_cli.backends.worker_process SPEC`.
 
 The sandbox runs one job per process (its runner holds process-wide state), so ar runs
 each experiment of `ar iterate --workers N` in a child like this one. The child reads an

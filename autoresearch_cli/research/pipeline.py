@@ -1,15 +1,16 @@
-"""One experiment, from its proposal to its decision, in typed stages:
+"""One experiment, from its proposal to its record, in typed stages:
 
     Task (a parent, maybe a failure to repair)
       -> Proposal (the agent's new train.py)
       -> Candidate (its commit: sha, worktree, run dir)
       -> Result (result.json after ar's own checks)
-      -> Decision (keep, discard, or none for a failed run)
+      -> recorded (its ledger row closed; results.tsv written)
 
-The keep rule is keeprule.judge, a pure function of the runs' numbers; a candidate it
-cannot decide yet gets confirmation runs (new seeds) before its row is settled. Each stage that acts is a short
-sequence of calls to the doors (ledger, gitops). Which experiments run, on which parent
-and how many at once is the scheduler's business (loop.py); this module owns one.
+What happens next (keep, discard, confirm, run again, repair) is decided by
+research/decide.py, a pure function of the evidence; `settle` performs a verdict on the
+branch and the ledger. Each stage that acts is a short sequence of calls to the doors
+(ledger, gitops). Which experiments run, on which parent and how many at once is the
+scheduler's business (research/scheduler.py); this module owns one.
 """
 
 from __future__ import annotations
@@ -17,23 +18,22 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli import gitops, keeprule
 from autoresearch_cli.agents.base import (
     Agent,
     AgentError,
-    HistoryItem,
     Parent,
     Proposal,
     ProposalError,
 )
-from autoresearch_cli.keeprule import CONFIRM, DISCARD, KEEP, Judgement
-from autoresearch_cli.ledger import IN_FLIGHT, failed, mean_bpb_by_sha
-from autoresearch_cli.runs import (
+from autoresearch_cli.doors import gitops
+from autoresearch_cli.research import history as history_of
+from autoresearch_cli.research.evidence import failed
+from autoresearch_cli.research.keeprule import CONFIRM, KEEP, Judgement
+from autoresearch_cli.research.session import (
     RefGuard,
     Session,
     add_worktree,
@@ -45,11 +45,6 @@ from autoresearch_cli.runs import (
 REPLACED_PREFIX = "refs/ar/replaced/"  # a best that a concurrent keep replaced stays here
 
 # --- the rules: pure functions of numbers -----------------------------------------------
-
-
-def should_repair(status: str, repairs_so_far: int, repair_attempts: int) -> bool:
-    """Whether a run that ended with `status` gets another repair from the agent."""
-    return failed(status) and repairs_so_far < repair_attempts
 
 
 def validate(train_py: str, parent_train_py: str) -> str | None:
@@ -132,6 +127,7 @@ class Task:
     description: str = ""  # of a run of an existing commit
     retries: int = 0  # disturbed runs before this one in the chain
     requeued: bool = False  # a run of it was lost to the machine (a node died) once already
+    requested: bool = False  # a measurement the user asked for (`ar baseline --repeat`)
 
     @property
     def kind(self) -> str:
@@ -177,17 +173,7 @@ class Result:
                 f"{self.details.get('log_tail') or ''}")
 
 
-@dataclass(frozen=True)
-class Decision:
-    exp_id: int
-    verdict: str | None  # keep, discard, or None (the run failed)
-    result: Result
-    best_bpb: float | None  # what it was judged against: the best's mean when it finished
-    judgement: Judgement | None = None  # the keep test; None for failed runs and measures
-    settled: int | None = None  # the experiment this run decided (itself, or the confirmed)
-
-
-def open_experiment(current: Session, task: Task, agent_name: str) -> int:
+def open_experiment(current: Session, task: Task, agent_name: str | None) -> int:
     """The ledger row of a new experiment, before anything is asked of the agent."""
     exp_id = current.ledger.start_experiment(task.kind, task.parent.sha, None, agent_name,
                                              repair_of=task.repair_of, branch=current.ws.branch)
@@ -206,17 +192,17 @@ def propose(current: Session, agent: Agent, exp_id: int, task: Task) -> Proposal
     parent_train_py = _train_py(current, task.parent.sha)
     shown_train_py = parent_train_py
     if task.repair_of is not None:  # a repair starts from the train.py that failed
-        failed_sha = ledger.get(task.repair_of)["sha"]
+        failed_sha = ledger.run(task.repair_of).sha
         shown_train_py = (_train_py(current, failed_sha) if failed_sha else "") or parent_train_py
     bound = {"record_call": lambda record: ledger.record_llm_call(exp_id, record)}
     try:
         proposal = agent.propose(shown_train_py, program_md(current, task.parent.sha),
-                                 history(current), task.failure,
+                                 history_of.history(current.evidence()), task.failure,
                                  **(bound if _takes_record_call(agent) else {}))
     except ProposalError as exc:
         return reject(current, exp_id, exc.reason)
     except AgentError as exc:
-        ledger.finish(exp_id, "invalid", None, None, reason=f"no proposal: {exc}")
+        ledger.finish(exp_id, "invalid", None, reason=f"no proposal: {exc}")
         current.export()
         raise
     ledger.update(exp_id, description=proposal.description)
@@ -231,16 +217,16 @@ def combine(current: Session, exp_id: int, task: Task) -> Proposal | Rejected:
     (which is one of them): a three-way merge of train.py, no agent. A conflict is
     recorded as the reason the combination could not run."""
     assert task.combines is not None
-    first, second = (current.ledger.get(exp_id_) for exp_id_ in task.combines)
-    other = second if task.parent.sha == first["sha"] else first
-    base = _train_py(current, other["parent_sha"])
+    first, second = (current.ledger.run(exp_id_) for exp_id_ in task.combines)
+    other = second if task.parent.sha == first.sha else first
+    base = _train_py(current, other.parent_sha)
     ours = _train_py(current, task.parent.sha)
-    merged, conflicts = gitops.merge_file(base, ours, _train_py(current, other["sha"]))
-    description = (f"combine #{first['id']} ({first['description']}) and "
-                   f"#{second['id']} ({second['description']})")
+    merged, conflicts = gitops.merge_file(base, ours, _train_py(current, other.sha))
+    description = (f"combine #{first.id} ({first.description}) and "
+                   f"#{second.id} ({second.description})")
     current.ledger.update(exp_id, description=description)
     if conflicts:
-        return reject(current, exp_id, f"the changes of #{first['id']} and #{second['id']} "
+        return reject(current, exp_id, f"the changes of #{first.id} and #{second.id} "
                                        f"conflict ({conflicts} conflicting hunk(s) in train.py)")
     reason = validate(merged, ours)
     if reason:
@@ -280,7 +266,7 @@ def checkout(current: Session, exp_id: int, task: Task, slot_class: str) -> Cand
     sha = task.parent.sha if task.measure else task.sha
     assert sha is not None
     worktree = add_worktree(current, exp_id, sha)
-    description = task.description or (f"re-measure of the best on {slot_class}" if task.remeasure
+    description = task.description or (f"re-measure on {slot_class}" if task.remeasure
                                        else f"baseline on {slot_class}")
     current.ledger.update(exp_id, sha=sha, status="running", slot_class=slot_class,
                           description=description)
@@ -297,90 +283,46 @@ def check(current: Session, candidate: Candidate, raw: dict[str, Any],
     return Result(details["status"], details.get("val_bpb"), details)
 
 
-def record(current: Session, guard: RefGuard, candidate: Candidate, result: Result) -> Decision:
-    """Record a run and judge what it decides, against the best at this moment.
-
-    A candidate's first run is judged by the keep test: keep, discard, or confirm (its row
-    stays undecided and the scheduler runs it again with a new seed). A confirmation run
-    re-judges the candidate it confirms with all its runs and settles that row. The branch
-    moves (compare-and-swap) only to a kept commit; a replaced best stays reachable.
-    """
-    ws, ledger, task = current.ws, current.ledger, candidate.task
-    tip = ws.tip()
-    best_bpb = best_on(current, tip, candidate.slot_class)
-    if task.measure or task.confirms is not None:
-        discard_weights(candidate.run_dir)  # the commit's weights, if kept, are elsewhere
-        ledger.finish(candidate.exp_id, result.status, None, result.details, sha=candidate.sha)
-        current.export()
-        gitops.worktree_remove(ws.root, candidate.worktree)
-        if task.confirms is None:
-            return Decision(candidate.exp_id, None, result, best_bpb)
-        original = ledger.get(task.confirms)
-        if result.status != "ok":
-            verdict = keeprule.Judgement(DISCARD, f"discarded: a confirmation run (#"
-                                         f"{candidate.exp_id}) ended {result.status}", (), ())
-        else:
-            verdict = judgement(current, candidate.sha, candidate.slot_class)
-        if verdict.verdict != CONFIRM:
-            settle(current, guard, original, verdict)
-        return Decision(candidate.exp_id, verdict.verdict, result, best_bpb, verdict,
-                        settled=task.confirms if verdict.verdict != CONFIRM else None)
-    tested = None
-    if result.status == "ok" and result.val_bpb is not None and math.isfinite(result.val_bpb):
-        ledger.finish(candidate.exp_id, result.status, None, result.details, sha=candidate.sha)
-        tested = judgement(current, candidate.sha, candidate.slot_class)
-        settle(current, guard, ledger.get(candidate.exp_id), tested)
-    else:
+def record(current: Session, candidate: Candidate, result: Result,
+           disturbed: str | None = None) -> None:
+    """Close the run's ledger row: its status (`disturbed` when it got too little of the
+    machine: set aside, never judged) and result.json's figures; an unscored run's weights
+    go (a kept commit's weights are its first scored run's)."""
+    ws, ledger = current.ws, current.ledger
+    details = dict(result.details)
+    status = result.status
+    if disturbed:
+        status = "disturbed"
+        details.update(status=status, reason=disturbed)
+        ledger.add_event("disturbed", candidate.sha, f"experiment #{candidate.exp_id}: {disturbed}")
+    if status != "ok" or candidate.task.measure or candidate.task.confirms is not None:
         discard_weights(candidate.run_dir)
-        ledger.finish(candidate.exp_id, result.status, None, result.details, sha=candidate.sha)
+    ledger.finish(candidate.exp_id, status, details, sha=candidate.sha)
     current.export()
     gitops.worktree_remove(ws.root, candidate.worktree)
-    verdict = tested.verdict if tested else None
-    return Decision(candidate.exp_id, verdict, result, best_bpb, tested,
-                    settled=candidate.exp_id if verdict in (KEEP, DISCARD) else None)
 
 
-def judgement(current: Session, sha: str, slot_class: str, against: str | None = None) -> Judgement:
-    """The keep test of commit `sha` (its ok runs on `slot_class`) against `against` (the
-    branch tip when None), with the noise measured on that hardware."""
-    ledger = current.ledger
-    best = against or current.ws.tip()
-    best_runs = ledger.runs_of(best, slot_class) or ledger.runs_of(best)
-    _, baseline_std, _ = ledger.baseline_stats(slot_class)
-    rule = keeprule.Rule.from_config(current.config["keep"], baseline_std)
-    measured = keeprule.noise(ledger.noise_groups(slot_class))
-    return keeprule.judge(ledger.runs_of(sha, slot_class), best_runs, measured, rule)
-
-
-def settle(current: Session, guard: RefGuard, row: dict[str, Any], tested: Judgement) -> None:
-    """Act on a judgement of the experiment in `row`: keep (the branch moves to its
-    commit), discard (its weights go), or confirm (nothing yet: its evidence so far)."""
+def settle(current: Session, guard: RefGuard, exp_id: int, tested: Judgement) -> None:
+    """Act on the keep test's verdict on experiment `exp_id`: keep (the branch moves to its
+    commit, compare-and-swap; a replaced best stays reachable), discard (its weights go),
+    or confirm (nothing yet: its evidence so far is stored on its row)."""
     ws, ledger = current.ws, current.ledger
     evidence = json.dumps(tested.as_dict(), sort_keys=True)
     if tested.verdict == CONFIRM:
-        ledger.update(row["id"], evidence=evidence)
+        ledger.update(exp_id, evidence=evidence)
         return
+    run = ledger.run(exp_id)
     if tested.verdict == KEEP:
         tip = ws.tip()
-        if row["parent_sha"] != tip:  # a concurrent keep moved the tip meanwhile
+        if run.parent_sha != tip:  # a concurrent keep moved the tip meanwhile
             guard.update(f"{REPLACED_PREFIX}{tip}", tip, None)
-        guard.update(ws.branch_ref(), row["sha"], tip)
-        guard.delete(f"{gitops.DISCARDED_PREFIX}{row['id']}")
-        gitops.sync_checkout(ws.root, ws.branch, tip, row["sha"])
+        guard.update(ws.branch_ref(), run.sha, tip)
+        guard.delete(f"{gitops.DISCARDED_PREFIX}{run.id}")
+        gitops.sync_checkout(ws.root, ws.branch, tip, run.sha)
     else:
-        discard_weights(ws.runs_dir / str(row["id"]))
-    ledger.settle(row["id"], tested.verdict, evidence)
-    ledger.update(row["id"], reason=tested.reason)
-
-
-def set_aside(current: Session, candidate: Candidate, result: Result, reason: str) -> None:
-    """A run that got too little of the machine: recorded as disturbed, never judged."""
-    details = dict(result.details, status="disturbed", reason=reason)
-    discard_weights(candidate.run_dir)
-    current.ledger.finish(candidate.exp_id, "disturbed", None, details, sha=candidate.sha)
-    current.ledger.add_event("disturbed", candidate.sha, f"experiment #{candidate.exp_id}: {reason}")
+        discard_weights(ws.runs_dir / str(run.id))
+    ledger.settle(run.id, tested.verdict, evidence, reason=tested.reason)
     current.export()
-    gitops.worktree_remove(current.ws.root, candidate.worktree)
 
 
 def interrupt(current: Session, candidate: Candidate | None, exp_id: int,
@@ -393,36 +335,8 @@ def interrupt(current: Session, candidate: Candidate | None, exp_id: int,
 
 
 def reject(current: Session, exp_id: int, reason: str) -> Rejected:
-    current.ledger.finish(exp_id, "invalid", None, None, reason=reason)
+    current.ledger.finish(exp_id, "invalid", None, reason=reason)
     return Rejected(exp_id, reason)
-
-
-# --- the scores a decision reads, and what the agent is shown ---------------------------
-
-
-def best_on(current: Session, sha: str, slot_class: str) -> float | None:
-    """The score of `sha` measured on `slot_class`; its score on any class when it has no
-    such measurement (the scheduler measures first, so only a failed measurement leaves
-    none)."""
-    measured = current.ledger.bpb_of(sha, slot_class)
-    return measured if measured is not None else current.ledger.bpb_of(sha)
-
-
-def history(current: Session) -> list[HistoryItem]:
-    """Every finished experiment, with its delta against its parent's score."""
-    rows = current.ledger.experiments()
-    bpb_of = mean_bpb_by_sha(rows)  # one pass: history is built before every proposal
-    items = []
-    for row in rows:
-        if row["status"] in IN_FLIGHT:
-            continue
-        parent = bpb_of.get(row["parent_sha"])
-        delta = row["val_bpb"] - parent if row["val_bpb"] is not None and parent is not None else None
-        status = row["decision"] or row["status"]
-        if row["kind"] == "baseline" and row["status"] == "ok":
-            status = "baseline"
-        items.append(HistoryItem(row["id"], row["description"] or "", row["val_bpb"], status, delta))
-    return items
 
 
 def program_md(current: Session, sha: str) -> str:
@@ -434,5 +348,7 @@ def program_md(current: Session, sha: str) -> str:
     return (gitops.show_file(current.ws.root, sha, "program.md") or b"").decode()
 
 
-def _train_py(current: Session, sha: str) -> str:
+def _train_py(current: Session, sha: str | None) -> str:
+    if not sha:
+        return ""
     return (gitops.show_file(current.ws.root, sha, "train.py") or b"").decode()

@@ -31,8 +31,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from autoresearch_cli.doors.config import RULES  # noqa: F401 (one list, checked at the door)
+
 KEEP, DISCARD, CONFIRM = "keep", "discard", "confirm"
-RULES = ("sequential", "one-run")
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,14 @@ class Rule:
     min_delta: float = 0.0  # the least improvement worth keeping, in val_bpb
 
     @classmethod
-    def from_config(cls, keep: dict[str, Any], baseline_std: float | None = None) -> Rule:
-        configured = float(keep.get("min_delta", -1.0))
-        if configured < 0:  # one-run's old default: twice the std of the baseline repeats
-            configured = 2 * baseline_std if keep.get("rule") == "one-run" and baseline_std else 0.0
-        return cls(name=str(keep.get("rule", "sequential")), level=float(keep.get("level", 0.05)),
-                   max_runs=int(keep.get("max_runs", 3)), min_delta=configured)
+    def from_settings(cls, keep: Any, baseline_std: float | None = None) -> Rule:
+        """From [keep] (doors.config.KeepSettings); a negative min_delta means 0, or under
+        one-run twice the spread of the baseline's runs (one-run's old default)."""
+        min_delta = float(keep.min_delta)
+        if min_delta < 0:
+            min_delta = 2 * baseline_std if keep.rule == "one-run" and baseline_std else 0.0
+        return cls(name=keep.rule, level=float(keep.level), max_runs=int(keep.max_runs),
+                   min_delta=min_delta)
 
     @property
     def look_level(self) -> float:
@@ -172,9 +175,9 @@ class Disturbance:
     retries: int = 2  # runs again of one disturbed run at most
 
     @classmethod
-    def from_config(cls, keep: dict[str, Any]) -> Disturbance:
-        return cls(float(keep["min_share"]), float(keep["min_throughput"]),
-                   int(keep["disturbed_retries"]))
+    def from_settings(cls, keep: Any) -> Disturbance:
+        """From [keep] (doors.config.KeepSettings)."""
+        return cls(float(keep.min_share), float(keep.min_throughput), int(keep.disturbed_retries))
 
 
 def run_disturbance(result: dict[str, Any], same_code_tokens_per_s: Sequence[float],

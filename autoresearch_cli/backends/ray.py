@@ -10,7 +10,7 @@ The driver sends the commit's files, the spec and the hashes of its data. On the
 trusted code (ray_node.ExperimentActor) writes the files to a temp dir, finds the data
 (AR_RAY_DATA_DIR, else the driver's path when the node has it, else a copy it prepares
 from the manifest), checks every file against the driver's hashes, and runs
-`python -m autoresearch_cli.worker_process` exactly as LocalWorkers does: the same
+`python -m autoresearch_cli.backends.worker_process` exactly as LocalWorkers does: the same
 confinement, the same trusted scorer. It answers with plain bytes and JSON: result.json,
 the run's logs and, for an ok run, the weights, which the driver writes to its run dir.
 """
@@ -26,19 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli.errors import ArError
-from autoresearch_cli.ray_node import (
+from autoresearch_cli.backends.base import Ended, Progressed, Slot, SlotPool
+from autoresearch_cli.backends.ray_node import (
     STOP_GRACE_S,
     SlotActor,
     file_sha256,
     probe_node,
     write_files,
 )
-from autoresearch_cli.workers import Ended, Progressed, Slot
+from autoresearch_cli.errors import ArError
 
 NAMESPACE = "ar"  # the Ray namespace of ar's actors
 GPU_RESOURCE = "GPU"
-WORKER_COMMAND = ("-m", "autoresearch_cli.worker_process")  # after the node's python
+WORKER_COMMAND = ("-m", "autoresearch_cli.backends.worker_process")  # after the node's python
 CONNECT_TIMEOUT_S = 5.0  # reaching the cluster's address before ray.init (which would hang)
 PROBE_TIMEOUT_S = 120.0  # every node answering what it has (a first Ray worker starts)
 REATTACH_WAIT_S = 10.0  # an actor that has not answered by then is still waiting for a node
@@ -131,7 +131,8 @@ def workspace_key(run_dir: Path) -> str:
 
 
 def connect(address: str | None, workers: int | None, device: str, manifest: dict[str, Any],
-            data_dir: Path, *, gpu_resource: str = GPU_RESOURCE) -> RayWorkers:
+            data_dir: Path, *, gpu_resource: str = GPU_RESOURCE,
+            prepare: Any = None) -> RayWorkers:
     """Join the cluster at `address` (None: start a local one) and plan its slots."""
     ray = _ray()
     if not ray.is_initialized():
@@ -147,7 +148,7 @@ def connect(address: str | None, workers: int | None, device: str, manifest: dic
     placed = plan_cluster(nodes, workers, device)
     return RayWorkers([slot for slot, _ in placed], {slot.index: node for slot, node in placed},
                       data_hashes(manifest, data_dir), manifest, gpu_resource,
-                      hosts={node.node_id: node.host for node in nodes})
+                      hosts={node.node_id: node.host for node in nodes}, prepare=prepare)
 
 
 def _check_reachable(address: str | None) -> None:
@@ -195,8 +196,8 @@ class Remote:
     unavailable_since: float | None = None
 
 
-class RayWorkers:
-    """Experiments on a Ray cluster, at most one per slot; LocalWorkers' interface.
+class RayWorkers(SlotPool):
+    """Experiments on a Ray cluster, at most one per slot (the Backend protocol).
 
     A slot is a detached actor on its node (ray_node.SlotActor), named from the workspace,
     the node and the slot, made at the slot's first experiment and kept for the next ones:
@@ -205,13 +206,15 @@ class RayWorkers:
 
     def __init__(self, slots: list[Slot], placement: dict[int, str], hashes: dict[str, str],
                  manifest: dict[str, Any], gpu_resource: str = GPU_RESOURCE,
-                 command: tuple[str, ...] = WORKER_COMMAND, hosts: dict[str, str] | None = None):
-        self.slots = slots
+                 command: tuple[str, ...] = WORKER_COMMAND, hosts: dict[str, str] | None = None,
+                 prepare: Any = None):
+        super().__init__(slots)
         self.placement = placement  # slot index -> node id
         self.running: dict[int, Remote] = {}
         self.hashes, self.manifest = hashes, manifest
         self.gpu_resource, self.command = gpu_resource, command
         self.hosts = hosts or {}  # node id -> host name
+        self.prepare = prepare  # prepares a node's copy of the data (doors.data.prepare_data)
         self._actors: dict[int, Any] = {}  # slot index -> its actor, once made
         self._workspace = ""  # workspace_key of the run dirs, from the first one seen
         self._alive: set[str] = set(placement.values())
@@ -268,7 +271,8 @@ class RayWorkers:
         actor = self._slot_actor(slot)
         payload = {"spec": spec.to_json(), "code": _code_files(Path(spec.code_dir)),
                    "hashes": self.hashes, "manifest": self.manifest, "cpus": list(slot.cpus),
-                   "slot_class": slot.slot_class, "command": list(self.command)}
+                   "slot_class": slot.slot_class, "command": list(self.command),
+                   "prepare": self.prepare}
         node_id = self.placement[slot.index]
         started_ref = actor.start.remote(exp_id, payload)
         self.running[exp_id] = Remote(exp_id, slot, self.hosts.get(node_id, node_id[:12]),
@@ -431,3 +435,9 @@ def _kill(actor: Any) -> None:
         _ray().kill(actor)
     except Exception:  # noqa: BLE001 (already gone)
         pass
+
+
+def open_ray(workers: int | None, device: str, *, address: str | None, data_dir: Path,
+             manifest: dict[str, Any], prepare: Any, **_: Any) -> RayWorkers:
+    """`--backend ray`: slots on the cluster at `address` (None: a new local one)."""
+    return connect(address, workers, device, manifest, data_dir, prepare=prepare)

@@ -1,0 +1,100 @@
+"""What happens after a run ends: one pure function of its evidence and the rules.
+
+    action = next_action(ended, candidate, best, noise, rule, limits)
+
+returns one of
+
+- KEEP / DISCARD: the keep test (keeprule.judge) decided the candidate's commit;
+- CONFIRM: the test cannot decide yet: another run of the same commit on the next seed;
+- RERUN: the run got too little of the machine (disturbed): the same run again, bounded
+  by `disturbed_retries`, never judged;
+- REPAIR: the run trained and failed (crash, timeout, oom): the agent may fix it, bounded
+  by `repair_attempts`;
+- WAIT: the best has fewer runs on this hardware than the test needs; judge it later;
+- RECORD: a measurement of a commit already on the branch (baseline, re-measure): it only
+  adds evidence;
+- DONE: nothing more to do for it (an invalid proposal, a failure with no repair left, a
+  disturbed run out of retries).
+
+The scheduler performs the action (research/scheduler.py); it does not decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoresearch_cli.doors.records import MEASURE_KINDS
+from autoresearch_cli.research.evidence import CommitEvidence, failed
+from autoresearch_cli.research.keeprule import (
+    CONFIRM,
+    DISCARD,
+    KEEP,
+    Judgement,
+    Noise,
+    Rule,
+    judge,
+)
+
+RERUN, REPAIR, WAIT, RECORD, DONE = "rerun", "repair", "wait", "record", "done"
+ACTIONS = (KEEP, DISCARD, CONFIRM, RERUN, REPAIR, WAIT, RECORD, DONE)
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """A run as the scheduler saw it end, after ar's own checks."""
+
+    kind: str  # baseline | remeasure | experiment | repair | combination | confirmation
+    status: str  # ok, crash, timeout, oom, invalid (tampering found by ar included)
+    disturbed: str | None = None  # why it got too little of the machine, if it did
+    retries: int = 0  # disturbed runs before this one in its chain
+    repairs_so_far: int = 0  # repairs before this one in its chain
+
+
+@dataclass(frozen=True)
+class Limits:
+    repair_attempts: int = 1
+    disturbed_retries: int = 2
+    best_runs_needed: int = 1  # runs the best needs on the class before a candidate is judged
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # one of ACTIONS
+    reason: str
+    judgement: Judgement | None = None  # the keep test, for KEEP, DISCARD and CONFIRM
+
+
+def next_action(ended: RunEnd, candidate: CommitEvidence | None, best: CommitEvidence | None,
+                noise: Noise, rule: Rule, limits: Limits) -> Action:
+    """What to do now about the run that ended (see the module's docstring)."""
+    if ended.disturbed:
+        return _disturbed(ended, limits)
+    if ended.kind in MEASURE_KINDS:
+        return Action(RECORD, "a measurement of a commit on the branch")
+    if ended.status != "ok" or candidate is None or not candidate.runs:
+        return _not_scored(ended, limits)
+    have = best.n if best is not None else 0
+    if have < limits.best_runs_needed:
+        return Action(WAIT, f"the best has {have} of the {limits.best_runs_needed} runs the "
+                            f"keep test needs on {candidate.slot_class}")
+    verdict = judge(candidate.values, best.values if best is not None else (), noise, rule)
+    return Action(verdict.verdict, verdict.reason, verdict)
+
+
+def _disturbed(ended: RunEnd, limits: Limits) -> Action:
+    if ended.retries < limits.disturbed_retries:
+        return Action(RERUN, f"{ended.disturbed}: run again ({ended.retries + 1} of "
+                             f"{limits.disturbed_retries})")
+    if ended.kind == "confirmation":
+        reason = f"discarded: its confirmation runs were disturbed {ended.retries + 1} times"
+        return Action(DISCARD, reason, Judgement(DISCARD, reason, (), ()))
+    return Action(DONE, f"{ended.disturbed}: not run again after {ended.retries} retries")
+
+
+def _not_scored(ended: RunEnd, limits: Limits) -> Action:
+    if ended.kind == "confirmation":  # the candidate it confirms cannot be shown better
+        reason = f"discarded: a confirmation run ended {ended.status}"
+        return Action(DISCARD, reason, Judgement(DISCARD, reason, (), ()))
+    if failed(ended.status) and ended.repairs_so_far < limits.repair_attempts:
+        return Action(REPAIR, f"the run ended {ended.status}: the agent may repair it")
+    return Action(DONE, f"the run ended {ended.status}")

@@ -1,0 +1,301 @@
+"""A commit's evidence: the one record of what the ledger's runs say, read by everything.
+
+A commit is known by its runs on each hardware class (slot class), each on a seed ar
+chose. `CommitEvidence` holds a commit's scored runs on one class: their seeds, mean and
+interval. `Evidence` is the whole ledger seen that way, and defines, once:
+
+- **the best** (the incumbent): the commit at the tip of the research branch, i.e. named
+  by the latest branch move (a keep, a revert, a re-judgement), else the first baseline;
+  its value is the mean of its runs, never one lucky run;
+- **kept**: a new commit whose experiment was decided `keep`; the baseline is the start
+  of the record, not a keep;
+- **failed**: a run that trained and failed (crash, timeout, oom): a repair may follow;
+- **outcome**: the one word `ar log`, the plot, the live view and the prompt show.
+
+The keep rule, `ar log` (table, --best, --json, the summary line), the plot, the live view,
+results.tsv and the llm prompt all ask this module, so "the best" means one thing
+everywhere. Nothing here writes: build an Evidence from a ledger's rows, read it, drop it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from autoresearch_cli.doors.records import (
+    BRANCH_MOVES,
+    FAILED,
+    IN_FLIGHT,
+    MEASURE_KINDS,
+    NEW_COMMIT_KINDS,
+    Event,
+    Run,
+)
+from autoresearch_cli.research.keeprule import Noise, noise
+
+CONFIDENCE = 0.95  # of every interval ar prints
+
+
+def failed(status: str | None) -> bool:
+    """Whether a run trained and failed (crash, timeout, oom): a repair can follow."""
+    return status in FAILED
+
+
+def in_flight(status: str | None) -> bool:
+    return status in IN_FLIGHT
+
+
+def outcome(run: Run) -> str:
+    """One word for how a run ended: baseline, remeasure, confirmation, keep, discard,
+    pending (waiting for a confirmation run), ok (not decided), or its status."""
+    if run.status != "ok":
+        return run.status
+    if run.kind in MEASURE_KINDS or run.kind == "confirmation":
+        return run.kind
+    if run.decision is None:
+        return "pending" if run.evidence else "ok"
+    return run.decision
+
+
+def t_quantile(df: int | None, confidence: float = CONFIDENCE) -> float:
+    """The two-sided Student t quantile (normal when df is unknown or large)."""
+    from scipy.stats import norm, t
+
+    upper = 1 - (1 - confidence) / 2
+    return float(t.ppf(upper, df)) if df else float(norm.ppf(upper))
+
+
+@dataclass(frozen=True)
+class CommitEvidence:
+    """A commit's scored runs on one hardware class, and what they say."""
+
+    sha: str
+    slot_class: str | None
+    runs: tuple[Run, ...]  # scored runs on slot_class, oldest first
+    noise: Noise = Noise(None, 0, 0)  # the class's measured noise, for the interval
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        return tuple(run.val_bpb for run in self.runs)  # type: ignore[misc]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def seeds(self) -> tuple[int | None, ...]:
+        return tuple(run.seed for run in self.runs)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.runs else None
+
+    @property
+    def std(self) -> float | None:
+        """The spread of its own runs (None below two)."""
+        return statistics.stdev(self.values) if self.n >= 2 else None
+
+    @property
+    def half_width(self) -> float | None:
+        """Half the CONFIDENCE interval of the mean: from the class's measured noise where
+        there is one, else from the commit's own spread; None from one run alone."""
+        if not self.runs:
+            return None
+        if self.noise.sigma is not None:
+            return t_quantile(self.noise.df) * self.noise.sigma / math.sqrt(self.n)
+        if self.std is not None:
+            return t_quantile(self.n - 1) * self.std / math.sqrt(self.n)
+        return None
+
+    def describe(self) -> str:
+        """`1.9537 ± 0.0120 (5 runs)`: the mean, its interval, the runs behind it."""
+        if self.mean is None:
+            return "no scored run"
+        spread = f" ± {self.half_width:.4f}" if self.half_width is not None else ""
+        return f"{self.mean:.6f}{spread} ({self.n} run{'s' * (self.n != 1)})"
+
+
+@dataclass(frozen=True)
+class Gain:
+    """How much lower `after` is than `before` (positive: better), with its interval."""
+
+    before: CommitEvidence
+    after: CommitEvidence
+    value: float
+    half_width: float | None
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.value / self.before.mean if self.before.mean else 0.0
+
+    def describe(self) -> str:
+        spread = f" ± {self.half_width:.4f}" if self.half_width is not None else ""
+        return f"{self.value:+.6f}{spread} ({self.percent:+.2f}%)"
+
+
+def gain(before: CommitEvidence, after: CommitEvidence) -> Gain | None:
+    """The improvement from `before` to `after` on one class: a difference of means, its
+    interval from the class's noise (runs of two commits are independent draws)."""
+    if before.mean is None or after.mean is None:
+        return None
+    measured = after.noise if after.noise.sigma is not None else before.noise
+    half = None
+    if measured.sigma is not None:
+        half = (t_quantile(measured.df) * measured.sigma
+                * math.sqrt(1 / before.n + 1 / after.n))
+    return Gain(before, after, before.mean - after.mean, half)
+
+
+@dataclass
+class Evidence:
+    """The ledger's runs and branch moves, read as evidence about commits."""
+
+    runs: list[Run]
+    events: list[Event] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, ledger) -> Evidence:
+        """Everything a ledger holds (doors/ledger.Ledger), at this moment."""
+        return cls(ledger.runs(), [e for e in ledger.events() if e.kind in BRANCH_MOVES])
+
+    # --- indexes ---------------------------------------------------------------------
+
+    @cached_property
+    def _by_id(self) -> dict[int, Run]:
+        return {run.id: run for run in self.runs}
+
+    @cached_property
+    def _scored(self) -> dict[tuple[str, str | None], list[Run]]:
+        scored: dict[tuple[str, str | None], list[Run]] = defaultdict(list)
+        for run in self.runs:
+            if run.scored:
+                scored[(run.sha, run.slot_class)].append(run)  # type: ignore[index]
+        return scored
+
+    @cached_property
+    def _noise(self) -> dict[str | None, Noise]:
+        groups: dict[str | None, list[list[float]]] = defaultdict(list)
+        for (_, slot_class), runs in self._scored.items():
+            groups[slot_class].append([run.val_bpb for run in runs])  # type: ignore[misc]
+        return {slot_class: noise(values) for slot_class, values in groups.items()}
+
+    def run(self, experiment_id: int) -> Run:
+        return self._by_id[experiment_id]
+
+    # --- commits -----------------------------------------------------------------------
+
+    def noise(self, slot_class: str | None) -> Noise:
+        """The spread of val_bpb between runs of one commit on `slot_class` (pooled)."""
+        return self._noise.get(slot_class, Noise(None, 0, 0))
+
+    def classes(self) -> list[str | None]:
+        return sorted(self._noise, key=str)
+
+    def commit(self, sha: str, slot_class: str | None) -> CommitEvidence:
+        runs = tuple(self._scored.get((sha, slot_class), ()))
+        return CommitEvidence(sha, slot_class, runs, self.noise(slot_class))
+
+    def main_class(self, sha: str) -> str | None:
+        """The class with the most scored runs of `sha` (the earliest on a tie)."""
+        counts = [(len(runs), -runs[0].id, slot_class)
+                  for (commit, slot_class), runs in self._scored.items() if commit == sha]
+        return max(counts)[2] if counts else None
+
+    def on_class(self, sha: str | None, slot_class: str | None = None) -> CommitEvidence | None:
+        """`sha`'s evidence on `slot_class`, or on its main class when none is given (None
+        when it has no scored run at all)."""
+        if sha is None:
+            return None
+        if slot_class is None:
+            if not any(commit == sha for commit, _ in self._scored):
+                return None
+            slot_class = self.main_class(sha)
+        return self.commit(sha, slot_class)
+
+    def proposer(self, sha: str | None) -> Run | None:
+        """The run that made `sha`: its experiment (or repair, combination), else the
+        first baseline run of it."""
+        made = [run for run in self.runs if run.sha == sha and run.kind in NEW_COMMIT_KINDS]
+        if made:
+            return made[0]
+        return next((run for run in self.runs if run.sha == sha and run.kind == "baseline"), None)
+
+    # --- the branch's record -------------------------------------------------------------
+
+    @cached_property
+    def baseline_sha(self) -> str | None:
+        """The commit the research started from: the first scored baseline's."""
+        first = next((run for run in self.runs if run.kind == "baseline" and run.scored), None)
+        return first.sha if first else None
+
+    @cached_property
+    def best_sha(self) -> str | None:
+        """The incumbent: the tip named by the latest branch move, else the baseline."""
+        moves = [event for event in self.events if event.kind in BRANCH_MOVES and event.sha]
+        return moves[-1].sha if moves else self.baseline_sha
+
+    def best(self, slot_class: str | None = None) -> CommitEvidence | None:
+        """The incumbent's evidence (on `slot_class`, else on its main class)."""
+        return self.on_class(self.best_sha, slot_class)
+
+    def baseline(self, slot_class: str | None = None) -> CommitEvidence | None:
+        """The baseline's evidence on the best's class (or `slot_class`): like with like."""
+        best = self.best(slot_class)
+        return self.on_class(self.baseline_sha, best.slot_class if best else slot_class)
+
+    def is_keep(self, run: Run) -> bool:
+        return run.kind in NEW_COMMIT_KINDS and run.decision == "keep"
+
+    @cached_property
+    def recorded_shas(self) -> set[str]:
+        """Commits that were on the branch's record: the baseline and every keep."""
+        shas = {run.sha for run in self.runs if self.is_keep(run) and run.sha}
+        return shas | ({self.baseline_sha} if self.baseline_sha else set())
+
+    def chain(self) -> list[CommitEvidence]:
+        """The kept steps from the baseline to the best, following parents (so a revert
+        is honoured), each on the best's class when it has runs there."""
+        best = self.best()
+        if best is None:
+            return []
+        steps, sha, seen = [best], best.sha, {best.sha}
+        while sha != self.baseline_sha:
+            made = self.proposer(sha)
+            parent = made.parent_sha if made else None
+            if parent is None or parent in seen:
+                break
+            seen.add(parent)
+            on_best = self.commit(parent, best.slot_class)
+            steps.append(on_best if on_best.runs else self.on_class(parent) or on_best)
+            sha = parent
+        return list(reversed(steps))
+
+    def gain(self, slot_class: str | None = None) -> Gain | None:
+        """Baseline -> best, on the best's class."""
+        best, start = self.best(slot_class), self.baseline(slot_class)
+        return gain(start, best) if best and start else None
+
+    def counts(self) -> dict[str, int]:
+        """How many runs ended each way (outcome words)."""
+        words: dict[str, int] = defaultdict(int)
+        for run in self.runs:
+            words[outcome(run)] += 1
+        return dict(words)
+
+    def parent_mean(self, run: Run) -> float | None:
+        """The mean of `run`'s parent on `run`'s class (its main class when it has no runs
+        there): what `ar log` and the prompt compare a run with."""
+        if run.parent_sha is None:
+            return None
+        parent = self.commit(run.parent_sha, run.slot_class)
+        if not parent.runs:
+            parent = self.on_class(run.parent_sha) or parent
+        return parent.mean
+
+    def commit_of(self, run: Run) -> CommitEvidence | None:
+        """The evidence of the commit `run` trained, on its class."""
+        return self.commit(run.sha, run.slot_class) if run.sha else None
+
