@@ -29,7 +29,7 @@ def test_baseline_trains_evaluates_and_records(micro_ws):
 def test_baseline_repeat_reports_mean_and_std(micro_ws):
     done = ar("baseline", "--repeat", "2", cwd=micro_ws.root)
     assert done.returncode == 0, done.stderr
-    assert "±" in done.stdout and "std of 2 runs" in done.stdout
+    assert "±" in done.stdout and "(2 runs)" in done.stdout and "std " in done.stdout
     assert [r["status"] for r in rows(micro_ws.root)] == ["ok", "ok"]
 
 
