@@ -229,6 +229,8 @@ def plan(
     abi = support().landlock_abi if options else None
     level = _level(abi, namespaces.namespaces, cgroup)
     note = _note(confinement, abi, network, names, hidden)
+    if confinement is not None:  # an untrusted job: no capability, even as root in its namespace
+        options = ["--privileges", "drop", *options]
     if namespaces.namespaces:
         options = ["--namespaces", namespaces.namespaces, *options]
     return Applied(tuple(options), namespaces.namespaces, level, note,

@@ -97,7 +97,7 @@ def _failure(train: RunResult, budget_kill: float) -> tuple[str, str]:
     if train.reason == "timeout":
         return "timeout", f"killed at the hard limit of {budget_kill:.0f} s"
     if train.reason in ("rss", "vram"):
-        which = "memory (RSS)" if train.reason == "rss" else "GPU memory"
+        which = "memory" if train.reason == "rss" else "GPU memory"
         return "oom", f"killed for exceeding the {which} cap"
     if train.reason == "disk":
         return "crash", "killed: the job was filling the disk"

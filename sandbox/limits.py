@@ -2,7 +2,8 @@
 
     python -I -S limits.py --fsize BYTES --nofile N [--cgroup DIR]... [--parent PID]
                            [--namespaces user+net+pid|user+net+mnt|user|net|...]
-                           [--report FD] [--confine offline|online [--read PATH]...
+                           [--report FD] [--privileges drop]
+                           [--confine offline|online [--read PATH]...
                            [--write PATH]... [--device PATH]... [--unix allow|hidden]] -- CMD...
     python -I -S limits.py --probe namespaces|landlock
 
@@ -11,7 +12,9 @@ kernel charges everything the job does to them), sets the resource limits (large
 open files, no core dumps), asks the kernel to SIGKILL it if ar dies, and moves into fresh
 namespaces (nsinit.py). With a PID namespace it forks the namespace's init, which mounts
 the job's /proc (mounts.py) and forks the job. The job's process then gives up every
-privilege, confines itself with Landlock and seccomp when asked (lsm.py), and execs CMD.
+privilege (`--privileges drop`: an untrusted job; the trusted scorer keeps what it needs to
+make its model workers' namespaces), confines itself with Landlock and seccomp when asked
+(lsm.py), and execs CMD.
 `--unix hidden` (the GPU path) lets CUDA open unix sockets but first hides every socket of
 the host from the job's mount namespace; `--unix allow` (no mount namespace) does not.
 
@@ -36,7 +39,8 @@ from nsinit import EXIT_SETUP_FAILED  # noqa: E402
 # Tried in order by `--probe namespaces`, in throwaway children; the first that works wins.
 PROBE_MODES = ("user+net+pid", "user+net", "net+pid", "net")
 LISTS = ("read", "write", "device", "cgroup")
-SCALARS = ("fsize", "nofile", "namespaces", "parent", "probe", "confine", "unix", "report")
+SCALARS = ("fsize", "nofile", "namespaces", "parent", "probe", "confine", "unix", "report",
+           "privileges")  # fmt: skip
 
 
 def join_cgroup(directory: str) -> None:
@@ -69,6 +73,8 @@ def _parse(argv: list[str]) -> dict:
             options[key] = args.pop(0)
     if options["unix"] not in ("deny", "allow", "hidden"):
         raise ValueError(f"bad --unix {options['unix']!r}")
+    if options["privileges"] not in (None, "drop"):
+        raise ValueError(f"bad --privileges {options['privileges']!r}")
     options["cmd"] = args[1:]
     return options
 
@@ -125,7 +131,8 @@ def _prepare_view(options: dict, proc: bool) -> None:
 def _become_job(options: dict) -> None:
     """In the job's own process: give up privileges, confine, exec. Never returns."""
     try:
-        lsm.drop_privileges()
+        if options["privileges"] == "drop":
+            lsm.drop_privileges()
         if options["confine"]:
             unix = "deny" if options["unix"] == "deny" else "allow"
             lsm.confine(options["confine"], options["read"], options["write"], options["device"],

@@ -14,7 +14,8 @@ only takes access away. ctypes, not the `landlock` package: that binding covers 
 (no TCP rules, no scoping) and is a development release.
 
 drop_privileges() leaves the job no capability, even as root in its user namespace: it
-cannot unmount the /proc or the empty directories the launcher mounted over the host's.
+cannot unmount the /proc or the empty directories the launcher mounted over the host's
+(nor, as root, map root into a user namespace of its own: Linux >= 5.12 asks CAP_SETFCAP).
 """
 
 import ctypes
