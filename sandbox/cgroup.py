@@ -39,6 +39,7 @@ from pathlib import Path
 DISABLE_VARIABLE = "AR_SANDBOX_CGROUP"  # "0": never make control groups
 KILL_SECONDS = 5.0  # SIGKILL rounds over cgroup.procs stop after this long
 REMOVE_SECONDS = 2.0  # an emptied group may take a moment to let go of its last process
+STALE_AFTER_SECONDS = 600  # an empty group this old whose ar is gone is removed
 # The kernel's cap on a group's tasks, per process the limits allow: threads count as
 # tasks (torch starts one per core), and the cap only has to stop a fork bomb.
 TASKS_PER_PROCESS = 16
@@ -138,6 +139,8 @@ def _hierarchy(version: int, mount_point: str, root: str, own: str) -> Hierarchy
         probe.rmdir()
     except OSError:
         return None
+    if not os.access(parent / "cgroup.procs", os.W_OK):
+        return None  # a job could not be moved out of ar's group into its own (v2's rule)
     return Hierarchy(version, parent, top=not inside)
 
 
@@ -170,14 +173,19 @@ def _has_kill(parent: Path) -> bool:
 
 
 def _remove_stale(parent: Path) -> None:
-    """Remove the empty groups of ar processes that are gone (a busy group refuses rmdir)."""
+    """Remove the empty groups of ar processes that are gone (a busy group refuses rmdir).
+
+    Only old ones: a process in another PID namespace (the scorer) cannot tell whether the
+    ar that named a group lives, and a new group stays empty until its job joins it.
+    """
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return
     for entry in entries:
         match = GROUP_NAME.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match.group(1))):
+        if (match and entry.is_dir() and not _alive(int(match.group(1)))
+                and time.time() - entry.stat().st_mtime > STALE_AFTER_SECONDS):  # fmt: skip
             try:
                 os.rmdir(entry.path)
             except OSError:

@@ -146,6 +146,19 @@ def _confined(abi: int, network: bool) -> list[str]:
     return ["reads", "writes", *tcp, "unix sockets", "other processes"]
 
 
+def _proc_hides_others() -> bool:
+    """Whether this process's /proc lists only what it may ptrace (a launcher's hidepid
+    /proc, as in the scorer's PID namespace): then a Landlock domain sees only itself."""
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            mounts = [line.split(" - ") for line in handle]
+    except OSError:
+        return False
+    procs = [tail.split() for head, tail in mounts if head.split()[4] == "/proc"]
+    options = procs[-1][2].split(",") if procs and procs[-1][0] == "proc" else []
+    return "hidepid=ptraceable" in options or "hidepid=4" in options
+
+
 def _level(abi: int | None, namespaces: str | None, cgroup_level: str | None) -> str:
     parts = [f"landlock-v{abi}"] if abi is not None else []
     names = namespaces.split("+") if namespaces else []
@@ -227,8 +240,9 @@ def plan(
     hidden = gpu and ("pid" in names or "mnt" in names)
     options = launcher_args(confinement, network=network, hide_sockets=hidden)
     abi = support().landlock_abi if options else None
-    level = _level(abi, namespaces.namespaces, cgroup)
-    note = _note(confinement, abi, network, names, hidden)
+    shared_proc_hides = "mnt" in names and abi is not None and _proc_hides_others()
+    level = _level(abi, namespaces.namespaces, cgroup) + ("+hidepid" if shared_proc_hides else "")
+    note = _note(confinement, abi, network, names, hidden, shared_proc_hides)
     if confinement is not None:  # an untrusted job: no capability, even as root in its namespace
         options = ["--privileges", "drop", *options]
     if namespaces.namespaces:
@@ -238,7 +252,7 @@ def plan(
 
 
 def _note(confinement: Confinement | None, abi: int | None, network: bool, names: list[str],
-          hidden: bool) -> str:  # fmt: skip
+          hidden: bool, shared_proc_hides: bool) -> str:  # fmt: skip
     """One line: what is confined for this job, and what is not."""
     if confinement is None:
         parts = ["files and processes unconfined: no confinement was asked"]
@@ -258,8 +272,8 @@ def _note(confinement: Confinement | None, abi: int | None, network: bool, names
             parts.append("without a user namespace a root job can read other processes' environ")
     if "pid" in names:
         parts.append("its own PID namespace")
-    elif "mnt" in names:
-        parts.append("the scorer's PID namespace, other processes hidden (hidepid, Landlock)")
+    elif shared_proc_hides:
+        parts.append("its launcher's PID namespace, other processes hidden (hidepid, Landlock)")
     else:
         parts.append("other processes' command lines visible (no PID namespace)")
     return "; ".join(parts)

@@ -92,8 +92,9 @@ class JobGroup:
         if oom_kills:
             peak = self.cgroup.peak_bytes() or 0
             self.peak_memory = max(self.peak_memory, peak)
-            return (f"killed: the kernel's OOM killer ended {oom_kills} process(es) at the "
-                    f"memory cap of {cap_mb:g} MB ({peak / MB:.0f} MB charged at the peak)")  # fmt: skip
+            where = f"at the memory cap of {cap_mb:g} MB" if cap_mb else "(the machine's memory)"
+            return (f"killed: the kernel's OOM killer ended {oom_kills} process(es) {where}; "
+                    f"{peak / MB:.0f} MB charged at the peak")  # fmt: skip
         memory = self.memory_bytes()
         if cap_mb and memory > cap_mb * MB and not self.charged():
             memory = self.pss_bytes()  # RSS counts shared pages twice; PSS decides

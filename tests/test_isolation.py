@@ -156,6 +156,39 @@ def test_two_jobs_at_once_cannot_talk_through_command_lines(tmp_path):
     assert max(start for start, _ in windows) < min(end for _, end in windows)  # at once
 
 
+# Like the scorer: in a PID namespace of its own, it starts two model workers the way it
+# does on CUDA (sharing its namespace: CUDA's IPC handles need that), here on the CPU.
+SHARING_SCORER = """
+import os, subprocess, sys
+from sandbox import confine
+code, work, first, second = sys.argv[1:5]
+workers = []
+for mine, theirs in ((first, second), (second, first)):
+    box = confine.Confinement(read=(work,), write=(work,), gpu=True)
+    applied = confine.plan(box, pid_namespace=False)
+    cmd = confine.launch_cmd(applied, [sys.executable, "-c", code, mine, theirs[::-1]],
+                             fsize_bytes=1 << 30, nofile=256, parent_pid=os.getpid())
+    workers.append(subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, text=True))
+print("worker isolation", applied.level)
+for worker in workers:
+    print(worker.communicate(timeout=60)[0])
+"""
+
+
+@needs_landlock
+@needs_pidns
+def test_two_workers_sharing_the_scorers_pid_namespace_cannot_talk(tmp_path):
+    first, second = (f"ar-talk-{side}-{uuid.uuid4().hex}" for side in "ab")
+    code = textwrap.dedent(PUBLISH_AND_LISTEN)
+    result = run([sys.executable, "-c", SHARING_SCORER, code, str(tmp_path), first, second],
+                 tmp_path, job_env({}), Limits(wall_seconds=60), tmp_path / "scorer.log",
+                 pid_namespace=True)  # fmt: skip
+    assert result.reason == "ok", result.log_tail
+    assert result.log_tail.count("saw mine True") == 2  # each sees its own publication
+    assert "heard True" not in result.log_tail
+    assert "+mntns+hidepid" in result.log_tail
+
+
 # --- item 3: the kill is unescapable ------------------------------------------------------
 
 HOPPERS = 8
