@@ -29,7 +29,8 @@ import resource
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+# Its sibling modules, after the standard library's (-I leaves the script's directory out).
+sys.path.append(os.path.dirname(os.path.realpath(__file__)))
 
 import lsm  # noqa: E402
 import mounts  # noqa: E402

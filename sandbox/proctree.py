@@ -1,5 +1,9 @@
 """The job's process tree: who belongs to it, how much memory it holds, and killing all of it.
 
+The grouping of last resort (group.py): where the kernel gives a job a PID namespace or a
+control group, those kill it whole and count what it holds; the tree still names the
+launcher's processes, writes job.pid and counts the processes.
+
 A process belongs to the job when it descends from the job's first process, shares a
 session with a member, or is an orphan that the kernel handed to ar. The last rule needs
 ar to be the child subreaper while a job runs: a grandchild that calls setsid() and loses
