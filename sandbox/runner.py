@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox import cgroup, confine
+from sandbox.disks import filesystems, free_mb_at
 from sandbox.errors import SandboxConfigError, SandboxError
 from sandbox.gpu import GpuWatch
 from sandbox.group import JobGroup
@@ -233,19 +234,6 @@ def _pidfd_poller(pid: int) -> tuple[int, select.poll] | None:
     return pidfd, poller
 
 
-def _filesystems(paths: list[Path]) -> list[Path]:
-    seen, unique = set(), []
-    for path in paths:
-        try:
-            device = os.stat(path).st_dev
-        except OSError:
-            continue
-        if device not in seen:
-            seen.add(device)
-            unique.append(path)
-    return unique
-
-
 class _Watch:
     """The monitoring of one running job, and what it saw."""
 
@@ -255,7 +243,7 @@ class _Watch:
         self.log_fd, self.log_path = log_fd, log_path
         self.started, self.on_progress, self.stop = started, on_progress, stop
         tmp = env.get("TMPDIR") or tempfile.gettempdir()
-        self.disks = _filesystems([cwd, log_path.parent, Path(tmp), Path("/dev/shm")])
+        self.disks = filesystems([cwd, log_path.parent, Path(tmp), Path("/dev/shm")])
         self.members: frozenset[int] = frozenset()
         self.record_path = log_path.with_name(RECORD_NAME)
         self.gpu = GpuWatch(env.get("CUDA_VISIBLE_DEVICES"))
@@ -318,7 +306,7 @@ class _Watch:
                 TERM_GRACE_SECONDS,
             )
         for path in self.disks:
-            free_mb = _free_mb(path)
+            free_mb = free_mb_at(path)
             if free_mb is not None and free_mb < limits.min_free_disk_mb:
                 return "disk", f"killed: {free_mb:.0f} MB left on the disk holding {path}", 0
         if os.fstat(self.log_fd).st_size > limits.max_log_mb * MB + SLACK:
@@ -407,11 +395,3 @@ def _exit_reason(exit_code: int | None) -> str:
     if exit_code is None or exit_code > 0:
         return "crash"
     return "signal"
-
-
-def _free_mb(path: Path) -> float | None:
-    try:
-        stats = os.statvfs(path)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize / MB
