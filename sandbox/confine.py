@@ -102,6 +102,13 @@ def support() -> Support:
                     cgroup.support().level)  # fmt: skip
 
 
+def switches() -> dict[str, str]:
+    """The AR_SANDBOX_* variables set in this process: a process that confines jobs of its
+    own (the scorer) must follow the same choices."""
+    names = (DISABLE_VARIABLE, PIDNS_VARIABLE, cgroup.DISABLE_VARIABLE)
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
 def _pid_namespaces() -> bool:
     return os.environ.get(PIDNS_VARIABLE, "") != "0" and netns.probe().pid
 

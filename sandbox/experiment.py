@@ -197,7 +197,9 @@ def _score(
         *(() if spec.confine else ("--no-confine",)),
     ]  # fmt: skip
     started = time.monotonic()
-    # A PID namespace of its own: the CUDA model workers share it (see confine.py).
+    # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
+    # scorer confines its workers itself, so it gets ar's AR_SANDBOX_* switches.
+    env = {**env, **confine.switches()}
     evaluation = run(cmd, cwd=run_dir, env=env, limits=_limits(spec, spec.eval_timeout + 5),
                      log_path=run_dir / "eval.log", pid_namespace=True)  # fmt: skip
     result.eval_seconds = round(time.monotonic() - started, 2)
