@@ -231,6 +231,40 @@ def test_processes_that_fork_and_exit_faster_than_a_listing_die_with_the_job(dir
     assert beats.stat().st_size == size, "a hopper outlived the kill"
 
 
+DAEMON = """
+    import os, time
+    beat = os.open({beats!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    if os.fork() == 0:
+        os.setsid()  # a daemon of its own session, outside anything ar could list by session
+        if os.fork() == 0:
+            for _ in range(200):
+                os.write(beat, b".")
+                time.sleep(0.05)
+        os._exit(0)
+    time.sleep(600)
+"""
+
+
+@needs_pidns
+def test_when_ar_is_killed_its_jobs_daemon_dies_at_once(dirs, tmp_path):
+    """No next ar needed: the launcher dies with ar, init with the launcher, and the
+    namespace with init."""
+    beats = dirs["out"] / "beats"
+    code = textwrap.dedent(DAEMON.format(beats=str(beats)))
+    first_ar = subprocess.Popen([sys.executable, "-c", RUN_ONE, code, str(dirs["out"]), "-", "-"],
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not beats.exists() or beats.stat().st_size < 5):
+        time.sleep(0.05)
+    assert beats.stat().st_size >= 5, "the daemon never started"
+    first_ar.kill()
+    first_ar.wait()
+    time.sleep(0.3)
+    size = beats.stat().st_size
+    time.sleep(0.5)
+    assert beats.stat().st_size == size, "the job's daemon outlived ar"
+
+
 # --- item 4: memory as the kernel charges it ----------------------------------------------
 
 MEMFD_HOG = """
