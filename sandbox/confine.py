@@ -273,7 +273,7 @@ def _note(confinement: Confinement | None, abi: int | None, network: bool, names
         elif confinement.gpu:
             parts[0] = parts[0].replace("unix sockets, ", "")
             parts.append("unix sockets open (CUDA needs them; no mount namespace to hide the host's)")
-        if "user" not in names and os.geteuid() == 0:
+        if "user" not in names and "pid" not in names and os.geteuid() == 0:
             # Measured on Linux 6.18: Landlock alone lets a root job read another root
             # process's /proc/PID/environ and maps (mem, cwd and io stay closed).
             parts.append("without a user namespace a root job can read other processes' environ")
