@@ -39,7 +39,7 @@ from pathlib import Path
 DISABLE_VARIABLE = "AR_SANDBOX_CGROUP"  # "0": never make control groups
 KILL_SECONDS = 5.0  # SIGKILL rounds over cgroup.procs stop after this long
 REMOVE_SECONDS = 2.0  # an emptied group may take a moment to let go of its last process
-STALE_AFTER_SECONDS = 600  # an empty group this old whose ar is gone is removed
+STALE_AFTER_SECONDS = 60  # an empty group this old whose ar is gone is removed
 # The kernel's cap on a group's tasks, per process the limits allow: threads count as
 # tasks (torch starts one per core), and the cap only has to stop a fork bomb.
 TASKS_PER_PROCESS = 16
