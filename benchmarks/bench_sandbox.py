@@ -1,14 +1,19 @@
-"""What the sandbox costs: latency of a job that exits at once, CPU of watching a running job.
+"""What the sandbox costs: latency of a job that exits at once, CPU of watching a running job,
+and what each layer of confinement adds to the start of a process.
 
-    python benchmarks/bench_sandbox.py [--seconds 8]
+    python benchmarks/bench_sandbox.py [--seconds 8] [--starts 40]
 
 Targets: an instant job completes through run() in <= 0.3 s; watching a job costs ar
-<= 2% of one core (ar's own CPU time, all its threads, over a sleeping job).
+<= 2% of one core (ar's own CPU time, all its threads, over a sleeping job); confinement
+(launcher, namespaces, Landlock, its control group) adds < 0.1 s to the start of a process.
+Start costs are medians of many starts taken in turns, so that a change in the machine's
+load meanwhile falls on every layer alike; compare them within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import subprocess
@@ -19,11 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sandbox import netns, proctree  # noqa: E402
+from sandbox import cgroup, confine, netns, proctree  # noqa: E402
 from sandbox.runner import Limits, job_env, run  # noqa: E402
 
 INSTANT_TARGET_SECONDS = 0.3
 CPU_TARGET_PERCENT = 2.0
+START_TARGET_SECONDS = 0.1
+JOB = ["/bin/true"]
 
 
 def _cpu_seconds() -> float:
@@ -78,18 +85,83 @@ def poll_cost(repeats: int = 200) -> dict[str, float]:
     return {"processes": len(proctree._pids()), "ms": per_poll * 1e3}
 
 
+def _launch(options: list[str], confinement=None, hide: bool = False, group: bool = False):
+    """A callable that starts JOB through the launcher with `options` (Landlock's for
+    `confinement`; a control group made, joined and removed), waits and returns seconds."""
+
+    def once() -> float:
+        started = time.perf_counter()
+        made = cgroup.JobCgroup.create(cgroup.support(), 1 << 30, 8192) if group else None
+        joins = [word for path in made.join_dirs() for word in ("--cgroup", path)] if made else []
+        rules = confine.launcher_args(confinement, hide_sockets=hide) if confinement else []
+        cmd = netns.launcher_cmd("--fsize", str(2**30), "--nofile", "1024", *joins, *options,
+                                 *rules, "--", *JOB)  # fmt: skip
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+        if made:
+            made.remove()
+        return time.perf_counter() - started
+
+    return once
+
+
+def start_costs(workdir: Path, starts: int) -> dict[str, float]:
+    """Median seconds to start and end JOB, per layer of confinement, taken in turns."""
+    probed = netns.probe()
+    box = confine.Confinement(read=(str(workdir),), write=(str(workdir),))
+    gpu_box = confine.Confinement(read=(str(workdir),), write=(str(workdir),), gpu=True)
+    network = ["--namespaces", probed.mode] if probed.mode else []
+    layers = {
+        "bare process": _timed_bare,
+        "launcher": _launch([]),
+        f"+ {probed.mode or 'no'} namespaces": _launch(network),
+        "+ Landlock (the confinement before issue 21)": _launch(network, box),
+    }
+    if probed.pid:
+        pid = ["--namespaces", f"{probed.mode}+pid", "--privileges", "drop"]
+        layers["+ PID namespace, its own /proc"] = _launch(pid, box)
+        grouped = bool(cgroup.support().memory or cgroup.support().kill)
+        if grouped:
+            layers["+ control group (made, joined, removed)"] = _launch(pid, box, group=True)
+        layers["GPU path: + the host's sockets hidden"] = _launch(pid, gpu_box, True, grouped)
+    samples: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(starts):
+        for name, start in layers.items():
+            samples[name].append(start())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _timed_bare() -> float:
+    started = time.perf_counter()
+    subprocess.run(JOB, check=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the sleeping job")
     parser.add_argument("--repeats", type=int, default=10, help="instant jobs to time")
+    parser.add_argument("--starts", type=int, default=40, help="starts per confinement layer")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ar-bench-") as tmp:
         workdir = Path(tmp)
+        starts = start_costs(workdir, args.starts)
         instant = instant_job(workdir, args.repeats)
         watch = watching_cost(workdir, args.seconds)
     polls = poll_cost()
     ok_instant = instant["median"] <= INSTANT_TARGET_SECONDS
     ok_cpu = watch["percent"] <= CPU_TARGET_PERCENT
+    bare = starts.pop("bare process")
+    added = max(starts.values()) - bare
+    ok_start = added < START_TARGET_SECONDS
+    print(f"isolation: {confine.support().level} ({os.cpu_count()} cores, load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after)")
+    print(f"start of one process, median of {args.starts} ({bare * 1e3:.1f} ms bare):")
+    for name, seconds in starts.items():
+        print(f"  {name:<42} {seconds * 1e3:7.1f} ms  (+{(seconds - bare) * 1e3:.1f} ms, "
+              f"{seconds / bare:.1f}x bare)")
+    print(f"confinement adds at most {added * 1e3:.1f} ms to a start; target < "
+          f"{START_TARGET_SECONDS * 1e3:.0f} ms: {'PASS' if ok_start else 'FAIL'}")
     print(f"network: {netns.probe().note}")
     print(f"instant job through run(): median {instant['median']:.3f} s, max {instant['max']:.3f} s, "
           f"first call {instant['first']:.3f} s (bare subprocess {instant['bare']:.3f} s); "
@@ -101,7 +173,7 @@ def main() -> int:
         f"one poll of the process tree with {polls['processes']} processes on the host: "
         f"{polls['ms']:.3f} ms CPU"
     )
-    return 0 if ok_instant and ok_cpu else 1
+    return 0 if ok_instant and ok_cpu and ok_start else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     confinement = Confinement(read=(str(code_dir), str(train_bin)), write=(str(out_dir), str(tmp)))
     result = run(cmd, cwd=code_dir, env=env, limits=limits, log_path=log, confinement=confinement)
-    result.isolation   # "landlock-v7+userns+netns", or "userns+netns" / "none" where unconfined
+    result.isolation   # "landlock-v7+userns+netns+pidns+cgroup-v1", or "userns+netns" / "none"
 
 The kernel does the confining, in the job's own process just before it execs (limits.py):
 Landlock lets the job read only its own files, the Python environment and the system's
@@ -11,13 +11,21 @@ trace or read the /proc files of processes outside (ptrace scoping); the user an
 namespaces (netns.py) take the network away, loopback included. ar computes the readable
 set, never the job. Landlock binds root as well (it is not DAC), needs no privilege or
 binary and costs milliseconds. A small seccomp filter adds what Landlock (ABI <= 7) lacks:
-no unix sockets (a model server's or docker's, reached by path), no io_uring. Not
-covered: the command lines and status of other processes (world-readable in /proc, as
-for `ps`); their environ, memory and files stay closed.
+no unix sockets (a model server's or docker's, reached by path), no io_uring. The job holds
+no capability, even as root in its user namespace (lsm.drop_privileges).
+
+Each job also gets a PID namespace of its own with its own /proc (nsinit.py, mounts.py):
+it cannot see, name or signal any process outside its run, nor read their command lines,
+and killing it is the kernel's teardown of the namespace. A CUDA model worker is the one
+exception: the driver's IPC handles (cudaipc.py) open only within one PID namespace, so
+it shares the scorer's (itself private to one evaluation), where a /proc mounted
+hidepid=ptraceable and Landlock's ptrace scoping hide the two workers from each other and
+the scorer from both. On the GPU path the seccomp filter lets CUDA open unix sockets; the
+job's mount namespace then hides every socket of the host instead (mounts.py).
 
 Where the kernel has no Landlock, the job still runs, unconfined, and `level` says so: the
-caller decides whether that is acceptable. AR_SANDBOX_LANDLOCK=0 turns Landlock off (tests,
-or a driver that fails under it).
+caller decides whether that is acceptable. AR_SANDBOX_LANDLOCK=0 turns Landlock off, and
+AR_SANDBOX_PIDNS=0 the PID and mount namespaces (tests, or a driver that fails under them).
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox import netns
+from sandbox import cgroup, netns
 from sandbox.errors import SandboxConfigError
 
 DISABLE_VARIABLE = "AR_SANDBOX_LANDLOCK"  # "0": never use Landlock
+PIDNS_VARIABLE = "AR_SANDBOX_PIDNS"  # "0": no PID or mount namespace
 PROBE_TIMEOUT_SECONDS = 10
 SANDBOX_PACKAGE = Path(__file__).resolve().parent
 # System files a Python/torch/numpy job reads (measured with strace on import torch, a
@@ -67,9 +76,12 @@ class Confinement:
 class Support:
     landlock_abi: int | None  # None: no Landlock (old kernel, not Linux, forbidden, turned off)
     namespaces: str | None  # netns.probe(): "user+net", "net" or None
-    level: str  # e.g. "landlock-v7+userns+netns", "userns+netns", "none"
+    level: str  # e.g. "landlock-v7+userns+netns+pidns+cgroup-v1", "userns+netns", "none"
     confines_files: bool
     note: str  # one line, in words
+    pid_namespace: bool = False  # each job sees only its own processes
+    cgroup: str | None = None  # cgroup.Support.level: where jobs' memory is charged
+    files_note: str = ""  # the first part of `note`: what Landlock confines, or why nothing
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,7 @@ class Applied:
     """What one launch will get: the launcher's options and how to describe them."""
 
     options: tuple[str, ...]  # launcher options, before "--"
+    namespaces: str | None  # the launcher's --namespaces, e.g. "user+net+pid"
     level: str
     note: str
     network_isolated: bool
@@ -84,20 +97,39 @@ class Applied:
 
 
 def support() -> Support:
-    """What this kernel offers, probed once per process (and per AR_SANDBOX_LANDLOCK)."""
-    return _support(os.environ.get(DISABLE_VARIABLE, "") == "0")
+    """What this kernel offers, probed once per process (and per AR_SANDBOX_* setting)."""
+    return _support(os.environ.get(DISABLE_VARIABLE, "") == "0", not _pid_namespaces(),
+                    cgroup.support().level)  # fmt: skip
+
+
+def switches() -> dict[str, str]:
+    """The AR_SANDBOX_* variables set in this process: a process that confines jobs of its
+    own (the scorer) must follow the same choices."""
+    names = (DISABLE_VARIABLE, PIDNS_VARIABLE, cgroup.DISABLE_VARIABLE)
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def _pid_namespaces() -> bool:
+    return os.environ.get(PIDNS_VARIABLE, "") != "0" and netns.probe().pid
 
 
 @functools.cache
-def _support(disabled: bool) -> Support:
-    namespaces = netns.probe().mode
+def _support(disabled: bool, no_pid: bool, cgroup_level: str | None) -> Support:
+    probed = netns.probe()
     abi, why = (None, f"Landlock turned off by {DISABLE_VARIABLE}=0") if disabled else _probe()
-    level = _level(abi, namespaces)
+    namespaces = "+".join(filter(None, [probed.mode, None if no_pid else "pid"])) or None
+    level = _level(abi, namespaces, cgroup_level)
     if abi is None:
-        note = f"files and processes unconfined: {why}"
+        files = f"files and processes unconfined: {why}"
     else:
-        note = f"Landlock ABI {abi}: {', '.join(_confined(abi, network=False))} confined"
-    return Support(abi, namespaces, level, abi is not None, note)
+        files = f"Landlock ABI {abi}: {', '.join(_confined(abi, network=False))} confined"
+    note = files
+    if no_pid:
+        why_not = f"turned off by {PIDNS_VARIABLE}=0" if probed.pid else probed.pid_note
+        note += f"; other processes' command lines visible ({why_not})"
+    note += f"; {cgroup.support().note}"
+    return Support(abi, probed.mode, level, abi is not None, note, not no_pid, cgroup_level,
+                   files)  # fmt: skip
 
 
 def _probe() -> tuple[int | None, str]:
@@ -121,12 +153,24 @@ def _confined(abi: int, network: bool) -> list[str]:
     return ["reads", "writes", *tcp, "unix sockets", "other processes"]
 
 
-def _level(abi: int | None, namespaces: str | None) -> str:
+def _proc_hides_others() -> bool:
+    """Whether this process's /proc lists only what it may ptrace (a launcher's hidepid
+    /proc, as in the scorer's PID namespace): then a Landlock domain sees only itself."""
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            mounts = [line.split(" - ") for line in handle]
+    except OSError:
+        return False
+    procs = [tail.split() for head, tail in mounts if head.split()[4] == "/proc"]
+    options = procs[-1][2].split(",") if procs and procs[-1][0] == "proc" else []
+    return "hidepid=ptraceable" in options or "hidepid=4" in options
+
+
+def _level(abi: int | None, namespaces: str | None, cgroup_level: str | None) -> str:
     parts = [f"landlock-v{abi}"] if abi is not None else []
-    if namespaces and "user" in namespaces:
-        parts.append("userns")
-    if namespaces and "net" in namespaces:
-        parts.append("netns")
+    names = namespaces.split("+") if namespaces else []
+    parts += [f"{name}ns" for name in ("user", "net", "pid", "mnt") if name in names]
+    parts += [cgroup_level] if cgroup_level else []
     return "+".join(parts) or "none"
 
 
@@ -165,8 +209,13 @@ def default_devices(gpu: bool = False) -> tuple[str, ...]:
     return _unique(path for path in paths if os.path.exists(path))
 
 
-def launcher_args(confinement: Confinement | None, *, network: bool = False) -> list[str]:
-    """The launcher options that apply `confinement` (none where there is nothing to apply)."""
+def launcher_args(confinement: Confinement | None, *, network: bool = False,
+                  hide_sockets: bool = False) -> list[str]:  # fmt: skip
+    """The launcher options that apply `confinement` (none where there is nothing to apply).
+
+    hide_sockets: the job will have a mount namespace in which the GPU path hides the host's
+    unix sockets (its seccomp filter lets CUDA open them).
+    """
     if confinement is None or not support().confines_files:
         return []
     options = ["--confine", "online" if network else "offline"]
@@ -176,34 +225,65 @@ def launcher_args(confinement: Confinement | None, *, network: bool = False) -> 
         options += ["--write", path]
     for path in default_devices(confinement.gpu):
         options += ["--device", path]
-    if confinement.gpu:
-        options += ["--unix", "allow"]  # CUDA does not start without unix sockets
+    if confinement.gpu:  # CUDA does not start without unix sockets
+        options += ["--unix", "hidden" if hide_sockets else "allow"]
     return options
 
 
 def plan(
-    confinement: Confinement | None, *, network: bool = False, user_namespace: bool = True
-) -> Applied:
-    """Namespaces and confinement for one job, from what the kernel offers and the caller asks."""
-    namespaces = netns.plan(network, user_namespace)
-    options = launcher_args(confinement, network=network)
+    confinement: Confinement | None, *, network: bool = False, user_namespace: bool = True,
+    pid_namespace: bool = True, cgroup: str | None = None,
+) -> Applied:  # fmt: skip
+    """Namespaces and confinement for one job, from what the kernel offers and the caller asks.
+
+    pid_namespace=False: the job shares its launcher's PID namespace (a CUDA model worker;
+    see the module docstring). cgroup: the level of the job's control group (cgroup.py),
+    made by the caller, or None.
+    """
+    pid = pid_namespace and _pid_namespaces()
+    gpu = confinement is not None and confinement.gpu and support().confines_files
+    namespaces = netns.plan(network, user_namespace, pid=pid, mount=gpu and _pid_namespaces())
+    names = (namespaces.namespaces or "").split("+")
+    hidden = gpu and ("pid" in names or "mnt" in names)
+    options = launcher_args(confinement, network=network, hide_sockets=hidden)
     abi = support().landlock_abi if options else None
-    level = _level(abi, namespaces.namespaces)
-    if confinement is None:
-        note = "files and processes unconfined: no confinement was asked"
-    elif abi is None:
-        note = support().note
-    else:
-        note = f"Landlock ABI {abi}: {', '.join(_confined(abi, network))} confined"
-        if confinement.gpu:
-            note = note.replace("unix sockets, ", "") + "; unix sockets open (CUDA needs them)"
-        if "user" not in (namespaces.namespaces or "") and os.geteuid() == 0:
-            # Measured on Linux 6.18: Landlock alone lets a root job read another root
-            # process's /proc/PID/environ and maps (mem, cwd and io stay closed).
-            note += "; without a user namespace a root job can read other processes' environ"
+    shared_proc_hides = "mnt" in names and abi is not None and _proc_hides_others()
+    level = _level(abi, namespaces.namespaces, cgroup) + ("+hidepid" if shared_proc_hides else "")
+    note = _note(confinement, abi, network, names, hidden, shared_proc_hides)
+    if confinement is not None:  # an untrusted job: no capability, even as root in its namespace
+        options = ["--privileges", "drop", *options]
     if namespaces.namespaces:
         options = ["--namespaces", namespaces.namespaces, *options]
-    return Applied(tuple(options), level, note, namespaces.network_isolated, namespaces.note)
+    return Applied(tuple(options), namespaces.namespaces, level, note,
+                   namespaces.network_isolated, namespaces.note)  # fmt: skip
+
+
+def _note(confinement: Confinement | None, abi: int | None, network: bool, names: list[str],
+          hidden: bool, shared_proc_hides: bool) -> str:  # fmt: skip
+    """One line: what is confined for this job, and what is not."""
+    if confinement is None:
+        parts = ["files and processes unconfined: no confinement was asked"]
+    elif abi is None:
+        parts = [support().files_note]
+    else:
+        parts = [f"Landlock ABI {abi}: {', '.join(_confined(abi, network))} confined"]
+        if confinement.gpu and hidden:
+            parts[0] = parts[0].replace("unix sockets, ", "")
+            parts.append("unix sockets allowed for CUDA, the host's hidden from its mount namespace")
+        elif confinement.gpu:
+            parts[0] = parts[0].replace("unix sockets, ", "")
+            parts.append("unix sockets open (CUDA needs them; no mount namespace to hide the host's)")
+        if "user" not in names and "pid" not in names and os.geteuid() == 0:
+            # Measured on Linux 6.18: Landlock alone lets a root job read another root
+            # process's /proc/PID/environ and maps (mem, cwd and io stay closed).
+            parts.append("without a user namespace a root job can read other processes' environ")
+    if "pid" in names:
+        parts.append("its own PID namespace")
+    elif shared_proc_hides:
+        parts.append("its launcher's PID namespace, other processes hidden (hidepid, Landlock)")
+    else:
+        parts.append("other processes' command lines visible (no PID namespace)")
+    return "; ".join(parts)
 
 
 def wrap(
@@ -226,12 +306,18 @@ def wrap(
 
 
 def launch_cmd(applied: Applied, cmd: list[str], *, fsize_bytes: int, nofile: int,
-               parent_pid: int | None = None) -> list[str]:  # fmt: skip
+               parent_pid: int | None = None, cgroups: tuple[str, ...] = (),
+               report_fd: int | None = None) -> list[str]:  # fmt: skip
+    """The launcher's command line. cgroups: the job's control groups, joined first;
+    report_fd: where the launcher says how many processes the job left behind (PID
+    namespace only; pass it to Popen's pass_fds)."""
     if not cmd:
         raise SandboxConfigError("the sandbox needs a command to run")
-    parent = ("--parent", str(parent_pid)) if parent_pid is not None else ()
+    extra = [] if parent_pid is None else ["--parent", str(parent_pid)]
+    extra += [word for directory in cgroups for word in ("--cgroup", directory)]
+    extra += [] if report_fd is None else ["--report", str(report_fd)]
     return netns.launcher_cmd(
-        "--fsize", str(int(fsize_bytes)), "--nofile", str(int(nofile)), *parent,
+        "--fsize", str(int(fsize_bytes)), "--nofile", str(int(nofile)), *extra,
         *applied.options, "--", *cmd,
     )  # fmt: skip
 

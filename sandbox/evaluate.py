@@ -354,7 +354,9 @@ def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path,
     confinement = confine.Confinement(
         read=tuple(map(str, readable)), write=(str(tmp),), gpu=device == "cuda"
     )
-    applied = confine.plan(confinement, network=False)
+    # CUDA's IPC handles open only within one PID namespace: a CUDA worker shares the
+    # scorer's, where the scorer's hidepid /proc and Landlock hide the workers from each other.
+    applied = confine.plan(confinement, network=False, pid_namespace=device != "cuda")
     wrapped = confine.launch_cmd(
         applied, cmd, fsize_bytes=64 * 2**20, nofile=1024, parent_pid=os.getpid()
     )

@@ -97,7 +97,7 @@ def _failure(train: RunResult, budget_kill: float) -> tuple[str, str]:
     if train.reason == "timeout":
         return "timeout", f"killed at the hard limit of {budget_kill:.0f} s"
     if train.reason in ("rss", "vram"):
-        which = "memory (RSS)" if train.reason == "rss" else "GPU memory"
+        which = "memory" if train.reason == "rss" else "GPU memory"
         return "oom", f"killed for exceeding the {which} cap"
     if train.reason == "disk":
         return "crash", "killed: the job was filling the disk"
@@ -197,8 +197,11 @@ def _score(
         *(() if spec.confine else ("--no-confine",)),
     ]  # fmt: skip
     started = time.monotonic()
+    # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
+    # scorer confines its workers itself, so it gets ar's AR_SANDBOX_* switches.
+    env = {**env, **confine.switches()}
     evaluation = run(cmd, cwd=run_dir, env=env, limits=_limits(spec, spec.eval_timeout + 5),
-                     log_path=run_dir / "eval.log")  # fmt: skip
+                     log_path=run_dir / "eval.log", pid_namespace=True)  # fmt: skip
     result.eval_seconds = round(time.monotonic() - started, 2)
     if evaluation.reason == "interrupted":
         raise KeyboardInterrupt

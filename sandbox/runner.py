@@ -6,15 +6,21 @@
 The job starts in its own session through the launcher (limits.py), which applies the
 kernel's limits in the child (largest file, open files, no network; with a `confinement`,
 Landlock: what it may read and write, no TCP, no other processes) and execs the command.
+Where the machine allows, the job runs in a control group of its own (cgroup.py: the
+kernel charges and caps its memory, memfds and tmpfs files included, counts its CPU and
+kills it whole) and in a PID namespace of its own (nsinit.py: it sees only its own
+processes, and dies with the namespace); group.py holds the three groupings together.
 stdout and stderr go straight to the log file. ar watches from outside five times a
-second: wall clock, memory of the whole process tree, GPU memory, free disk, number of
-processes, size of the log. Crossing a limit kills the whole tree, grandchildren that
-called setsid() included, and the result says why. Nothing the job prints can change
-the outcome: the reason comes from ar's own clock, counters and the exit status.
+second: wall clock, memory (the kernel's charge, else the tree's RSS and PSS), the
+kernel's OOM kills, GPU memory, free disk, number of processes, size of the log. Crossing
+a limit kills the whole job, grandchildren that called setsid() included, and the result
+says why. Nothing the job prints can change the outcome: the reason comes from ar's own
+clock, the kernel's counters and the exit status.
 
-One job at a time per ar process: while a job runs, ar is the reaper of its orphans,
-and job.pid beside the log lists the job's processes, so that the next ar can kill them
-(proctree.kill_recorded) if this one is killed.
+One job at a time per ar process: while a job runs, ar is the reaper of its orphans (in
+a PID namespace, the namespace's init is), and job.pid beside the log lists the job's
+processes, so that the next ar can kill them (proctree.kill_recorded) if this one is
+killed (the launcher's death already ends a job in a PID namespace).
 """
 
 from __future__ import annotations
@@ -30,16 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox import confine
+from sandbox import cgroup, confine
+from sandbox.disks import filesystems, free_mb_at
 from sandbox.errors import SandboxConfigError, SandboxError
 from sandbox.gpu import GpuWatch
-from sandbox.proctree import (
-    KILL_ROUNDS_SECONDS,
-    ProcTree,
-    set_dumpable,
-    set_subreaper,
-    write_record,
-)
+from sandbox.group import JobGroup
+from sandbox.proctree import KILL_ROUNDS_SECONDS, set_dumpable, set_subreaper, write_record
 from sandbox.progress import (
     SLACK,
     LogFollower,
@@ -70,7 +72,7 @@ _active = threading.Lock()
 @dataclass(frozen=True)
 class Limits:
     wall_seconds: float = 600.0  # hard kill, counted from the start of the job
-    max_rss_mb: float | None = None  # memory of the whole process tree; None or 0: no cap
+    max_rss_mb: float | None = None  # the job's memory (see group.py); None or 0: no cap
     max_vram_mb: float | None = None  # GPU memory of the job; None or 0: no cap
     max_file_mb: float = 2048  # largest file the job may write, its log included (kernel)
     max_open_files: int = 4096
@@ -82,15 +84,11 @@ class Limits:
 
     def __post_init__(self) -> None:
         if not self.wall_seconds > 0:
-            raise SandboxConfigError(
-                f"the wall-clock limit must be positive, got {self.wall_seconds}"
-            )
+            raise SandboxConfigError(f"the wall-clock limit must be positive, got {self.wall_seconds}")
         if not self.max_file_mb > 0 or not self.max_log_mb > 0:
             raise SandboxConfigError("max_file_mb and max_log_mb must be positive")
         if self.max_open_files < 16 or self.max_processes < 1:
-            raise SandboxConfigError(
-                "max_open_files must be at least 16 and max_processes at least 1"
-            )
+            raise SandboxConfigError("max_open_files must be at least 16 and max_processes at least 1")
 
 
 @dataclass(frozen=True)
@@ -113,6 +111,7 @@ class RunResult:
     isolation: str = "none"  # confine.Support.level as applied to this job
     isolation_note: str = ""
     cpu_share: float | None = None  # the share of its cores other processes left it (share.py)
+    cpu_seconds: float | None = None  # the job's CPU time, its exited children included
 
 
 def job_env(extra: dict[str, str]) -> dict[str, str]:
@@ -134,11 +133,14 @@ def run(
     stop: threading.Event | None = None,
     confinement: confine.Confinement | None = None,
     pass_fds: tuple[int, ...] = (),
+    pid_namespace: bool | None = None,
 ) -> RunResult:
     """Run `cmd` to its end or to a limit; setting `stop` ends it with reason `interrupted`.
 
     `confinement`: what the job may read and write (confine.py); None leaves its files and
     processes unconfined. `pass_fds`: descriptors the job inherits (pipes, memfds).
+    `pid_namespace`: a PID namespace of its own where the kernel gives one; None: when
+    confined (the trusted scorer asks for one: its CUDA model workers share it).
     An exception inside (KeyboardInterrupt, or one raised by on_progress) kills the whole
     tree before it propagates.
     """
@@ -146,23 +148,34 @@ def run(
         raise SandboxError("the sandbox needs a command to run")
     if not _active.acquire(blocking=False):
         raise SandboxError("another sandbox job is already running in this process")
+    group = None
     try:
+        memory_max = int(limits.max_rss_mb * MB) if limits.max_rss_mb else None
+        job_cgroup, cgroup_note = cgroup.for_job(memory_max, limits.max_processes)
         applied = confine.plan(
-            confinement, network=limits.network, user_namespace=limits.user_namespace
-        )
+            confinement, network=limits.network, user_namespace=limits.user_namespace,
+            pid_namespace=confinement is not None if pid_namespace is None else pid_namespace,
+            cgroup=job_cgroup.level if job_cgroup else None,
+        )  # fmt: skip
+        group = JobGroup(job_cgroup, "pid" in (applied.namespaces or "").split("+"))
         launcher = confine.launch_cmd(
             applied, cmd, fsize_bytes=int(limits.max_file_mb * MB),
             nofile=limits.max_open_files, parent_pid=os.getpid(),
+            cgroups=tuple(job_cgroup.join_dirs()) if job_cgroup else (),
+            report_fd=group.report_fd,
         )  # fmt: skip
-        return _run(launcher, applied, Path(cwd), env, limits, Path(log_path), on_progress, stop,
-                    tuple(pass_fds))  # fmt: skip
+        fds = (*pass_fds, *([group.report_fd] if group.report_fd is not None else []))
+        return _run(launcher, applied, group, cgroup_note, Path(cwd), env, limits, Path(log_path),
+                    on_progress, stop, fds)  # fmt: skip
     finally:
+        if group:
+            group.close()
         _active.release()
 
 
-def _run(launcher, applied, cwd, env, limits, log_path, on_progress, stop, pass_fds) -> RunResult:
+def _run(launcher, applied, group, cgroup_note, cwd, env, limits, log_path, on_progress, stop,
+         pass_fds) -> RunResult:  # fmt: skip
     log_fd = create_log(log_path)
-    tree = ProcTree()
     reaper = set_subreaper(True)
     dumpable = set_dumpable(False)
     watch = None
@@ -175,16 +188,16 @@ def _run(launcher, applied, cwd, env, limits, log_path, on_progress, stop, pass_
             )  # fmt: skip
         except OSError as exc:
             raise SandboxError(f"cannot start the job in {cwd}: {exc}") from exc
-        tree.attach(popen.pid)
+        group.launched(popen.pid)
         try:
             watch = _Watch(
-                popen, tree, limits, cwd, log_fd, log_path, env, started, on_progress, stop
+                popen, group, limits, cwd, log_fd, log_path, env, started, on_progress, stop
             )
             watch.until_exit()
         except BaseException:
-            _kill_tree(tree, popen, grace=0)
+            _kill_job(group, popen, grace=0)
             raise
-        return watch.result(applied, reaper)
+        return watch.result(applied, cgroup_note, reaper)
     finally:
         if watch:
             watch.close()
@@ -193,14 +206,14 @@ def _run(launcher, applied, cwd, env, limits, log_path, on_progress, stop, pass_
         set_dumpable(dumpable)
 
 
-def _kill_tree(tree: ProcTree, popen: subprocess.Popen, grace: float) -> bool:
-    """Kill the whole tree and reap the root. A second Ctrl-C meanwhile does not cut it short.
+def _kill_job(group: JobGroup, popen: subprocess.Popen, grace: float) -> bool:
+    """Kill the whole job and reap the root. A second Ctrl-C meanwhile does not cut it short.
 
     Returns False when the root outlived every SIGKILL.
     """
     for _attempt in range(3):
         try:
-            tree.kill(grace)
+            group.kill(grace)
             popen.wait(KILL_ROUNDS_SECONDS)
             return True
         except KeyboardInterrupt:
@@ -221,37 +234,24 @@ def _pidfd_poller(pid: int) -> tuple[int, select.poll] | None:
     return pidfd, poller
 
 
-def _filesystems(paths: list[Path]) -> list[Path]:
-    seen, unique = set(), []
-    for path in paths:
-        try:
-            device = os.stat(path).st_dev
-        except OSError:
-            continue
-        if device not in seen:
-            seen.add(device)
-            unique.append(path)
-    return unique
-
-
 class _Watch:
     """The monitoring of one running job, and what it saw."""
 
-    def __init__(self, popen, tree, limits, cwd, log_fd, log_path, env, started, on_progress, stop):
-        self.popen, self.tree, self.limits = popen, tree, limits
+    def __init__(self, popen, group, limits, cwd, log_fd, log_path, env, started, on_progress,
+                 stop):  # fmt: skip
+        self.popen, self.group, self.limits = popen, group, limits
         self.log_fd, self.log_path = log_fd, log_path
         self.started, self.on_progress, self.stop = started, on_progress, stop
         tmp = env.get("TMPDIR") or tempfile.gettempdir()
-        self.disks = _filesystems([cwd, log_path.parent, Path(tmp), Path("/dev/shm")])
+        self.disks = filesystems([cwd, log_path.parent, Path(tmp), Path("/dev/shm")])
         self.members: frozenset[int] = frozenset()
         self.record_path = log_path.with_name(RECORD_NAME)
         self.gpu = GpuWatch(env.get("CUDA_VISIBLE_DEVICES"))
-        self.gpu.start(lambda: self.members)
+        self.gpu.start(lambda: self.members - self.group.launcher_pids())
         self.follower = LogFollower(log_fd)
         self.exit_poller = _pidfd_poller(popen.pid)
         self.kill_reason: str | None = None
         self.notes: list[str] = []
-        self.peak_rss = 0
         self.peak_processes = 1
         self.dropped = 0
         self.last_progress: Progress | None = None
@@ -282,37 +282,22 @@ class _Watch:
         """(reason, note, grace) when the job must die now, else None."""
         limits = self.limits
         if now - self.started >= limits.wall_seconds:
-            return (
-                "timeout",
-                f"killed at the wall-clock limit of {limits.wall_seconds:g} s",
-                TERM_GRACE_SECONDS,
-            )
+            wall = f"killed at the wall-clock limit of {limits.wall_seconds:g} s"
+            return "timeout", wall, TERM_GRACE_SECONDS
         if self.stop is not None and self.stop.is_set():
             return "interrupted", "stopped by ar", TERM_GRACE_SECONDS
-        members = self.tree.refresh()
-        self.tree.reap()
-        self.share.sample(self.tree.stats)
+        members = self.group.refresh()
+        self.share.sample(self.group.cpu_seconds())
         if members != self.members:
             self.members = members
             self._record()
-        processes = len(self.tree.alive())
+        processes = self.group.processes()
         self.peak_processes = max(self.peak_processes, processes)
         if processes > limits.max_processes:
-            return (
-                "procs",
-                f"killed: {processes} processes, above the cap of {limits.max_processes}",
-                0,
-            )
-        memory = self.tree.rss_bytes()
-        if limits.max_rss_mb and memory > limits.max_rss_mb * MB:
-            memory = self.tree.pss_bytes()  # RSS counts shared pages twice; PSS decides
-        self.peak_rss = max(self.peak_rss, memory)
-        if limits.max_rss_mb and memory > limits.max_rss_mb * MB:
-            return (
-                "rss",
-                f"killed: {memory / MB:.0f} MB of memory, above the cap of {limits.max_rss_mb:g} MB",
-                0,
-            )
+            return "procs", f"killed: {processes} processes, above the cap of {limits.max_processes}", 0
+        verdict = self.group.memory_verdict(limits.max_rss_mb)
+        if verdict:
+            return "rss", verdict, 0
         vram = self.gpu.current_vram_mb
         if limits.max_vram_mb and vram > limits.max_vram_mb:
             return (
@@ -321,7 +306,7 @@ class _Watch:
                 TERM_GRACE_SECONDS,
             )
         for path in self.disks:
-            free_mb = _free_mb(path)
+            free_mb = free_mb_at(path)
             if free_mb is not None and free_mb < limits.min_free_disk_mb:
                 return "disk", f"killed: {free_mb:.0f} MB left on the disk holding {path}", 0
         if os.fstat(self.log_fd).st_size > limits.max_log_mb * MB + SLACK:
@@ -331,7 +316,7 @@ class _Watch:
 
     def _record(self) -> None:
         try:
-            write_record(self.record_path, self.popen.pid, self.tree.stats)
+            write_record(self.record_path, self.popen.pid, self.group.tree.stats)
         except OSError:
             pass  # the job may have removed the directory; recovery then has less to go on
 
@@ -345,12 +330,17 @@ class _Watch:
     def kill(self, reason: str, note: str, grace: float) -> None:
         self.kill_reason = reason
         self.notes.append(note)
-        if not _kill_tree(self.tree, self.popen, grace):
+        if not _kill_job(self.group, self.popen, grace):
             self.notes.append("the job's first process would not die (stuck in the kernel?)")
         self.ended = time.monotonic()
 
-    def result(self, applied: confine.Applied, reaper: bool) -> RunResult:
-        leftovers = self.tree.kill(grace=0)
+    def result(self, applied: confine.Applied, cgroup_note: str, reaper: bool) -> RunResult:
+        if self.kill_reason is None:
+            verdict = self.group.memory_verdict(self.limits.max_rss_mb)  # an OOM kill since
+            if verdict:
+                self.kill_reason = "rss"
+                self.notes.append(verdict)
+        leftovers = len(self.group.kill(grace=0)) + self.group.left_in_namespace()
         if leftovers:
             self.notes.append(f"killed {leftovers} process(es) the job left behind")
         if not reaper:
@@ -376,13 +366,14 @@ class _Watch:
         gpu = self.gpu.stop()
         return RunResult(
             exit_code=exit_code, reason=reason, wall_seconds=round(self.ended - self.started, 3),
-            peak_rss_mb=round(self.peak_rss / MB, 1), peak_vram_mb=gpu.peak_vram_mb,
+            peak_rss_mb=round(self.group.peak_memory / MB, 1), peak_vram_mb=gpu.peak_vram_mb,
             gpu_util_percent=gpu.util_percent, gpu_max_temp_c=gpu.max_temp_c, gpu_note=gpu.note,
             network_isolated=applied.network_isolated, network_note=applied.network_note,
             log_tail=read_tail(self.log_fd), note="; ".join(self.notes),
             peak_processes=self.peak_processes, log_dropped_mb=round(self.dropped / MB, 1),
             last_progress=self.last_progress, isolation=applied.level,
-            isolation_note=applied.note, cpu_share=self.share.share(),
+            isolation_note="; ".join(filter(None, [applied.note, cgroup_note])),
+            cpu_share=self.share.share(), cpu_seconds=self.share.job_seconds(),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -404,11 +395,3 @@ def _exit_reason(exit_code: int | None) -> str:
     if exit_code is None or exit_code > 0:
         return "crash"
     return "signal"
-
-
-def _free_mb(path: Path) -> float | None:
-    try:
-        stats = os.statvfs(path)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize / MB

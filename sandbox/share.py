@@ -4,11 +4,16 @@ A time-budgeted score depends on the compute the run got. On a shared machine an
 process can take half the cores for part of a run, and the run then trains fewer steps
 and scores worse for a reason that has nothing to do with its code. The runner samples,
 while the job runs, the busy time of the cores the job may use (/proc/stat) and the CPU
-time of the job's own processes (proctree's /proc/PID/stat reads); what others took is the
-difference. share = 1 - others / (cores x wall): 1.0 on a quiet machine whatever the
-job's thread count, about 0.5 when a busy process held one of two cores throughout.
+time of the job itself; what others took is the difference. share = 1 - others / (cores x
+wall): 1.0 on a quiet machine whatever the job's thread count, about 0.5 when a busy
+process held one of two cores throughout.
 
-Only the kernel's counters are read: nothing the job prints or writes enters the figure.
+The job's CPU time must include its children that exited between two samples, or a job
+could make itself look disturbed at will (and be re-run with a new seed) by burning CPU in
+short-lived children: it is its control group's counter where there is one (cgroup.py),
+else its processes' own and reaped children's time (proctree.py; in a PID namespace the
+namespace's init reaps every orphan). Only the kernel's counters are read: nothing the
+job prints or writes enters the figure.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ import os
 import time
 
 import psutil
-
-from sandbox.proctree import CLOCK_TICKS, Stat
 
 MIN_WINDOW_S = 1.0  # shorter jobs get no share: the counters tick at 10 ms
 
@@ -45,20 +48,21 @@ class ShareWatch:
         except AttributeError:
             self.cpus = list(range(os.cpu_count() or 1))
         self.available = os.path.isdir("/proc/self")
-        self.job: dict[int, float] = {}  # pid -> its latest CPU seconds (kept once gone)
         self.first: tuple[float, float, float] | None = None  # (monotonic, busy, job)
         self.last: tuple[float, float, float] | None = None
 
-    def sample(self, stats: dict[int, Stat]) -> None:
-        """One sample; `stats` is the job tree's (ProcTree.stats, refreshed this poll)."""
+    def sample(self, job_cpu_seconds: float) -> None:
+        """One sample; `job_cpu_seconds`: the job's CPU time so far (group.JobGroup)."""
         if not self.available:
             return
-        for pid, stat in stats.items():
-            self.job[pid] = stat.cpu_ticks / CLOCK_TICKS
-        point = (time.monotonic(), _busy_seconds(self.cpus), sum(self.job.values()))
+        point = (time.monotonic(), _busy_seconds(self.cpus), job_cpu_seconds)
         if self.first is None:
             self.first = point
         self.last = point
+
+    def job_seconds(self) -> float | None:
+        """The job's CPU time at the last sample."""
+        return None if self.last is None else round(self.last[2], 3)
 
     def share(self) -> float | None:
         """1 - (others' busy time) / (cores x wall) over the sampled window; None when
