@@ -1,0 +1,90 @@
+"""The trusted scorer against a hostile train.py, with real processes.
+
+What a training job plants in its tmp (a compiler cache, the CUDA driver's JIT cache
+under $HOME/.nv, Python startup files) never reaches the scorer, which runs with an
+environment and a HOME of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox.confine import support
+from sandbox.experiment import run_experiment, scorer_command, scorer_env
+from sandbox.runner import ENV_ALLOW
+from sandbox.spec import ExperimentSpec
+
+CONFINED = support().confines_files
+
+
+# ---------------------------------------------------------------------------
+# The scorer's environment
+
+
+def test_the_scorer_starts_from_an_environment_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "job" / "inductor"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    cpu_env = {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "AR_CPU_PRECISION": "fp32"}
+    env = scorer_env(cpu_env, tmp_path / "home")
+    assert env["HOME"] == env["TMPDIR"] == str(tmp_path / "home")
+    assert {name: env[name] for name in cpu_env} == cpu_env
+    assert set(env) <= {*ENV_ALLOW, *cpu_env, "PYTHONUNBUFFERED"}
+    spec = ExperimentSpec(code_dir="c", run_dir="r", data_dir="d", time_budget=1,
+                          startup_allowance=1, eval_tokens=1, seq_len=2, eval_timeout=1)  # fmt: skip
+    assert scorer_command(spec, tmp_path, "cpu")[1:4] == ["-I", "-m", "sandbox.evaluate"]
+
+
+PLANT = '''
+import os, pathlib, sys
+home, tmp = pathlib.Path(os.environ["HOME"]), pathlib.Path(os.environ["TMPDIR"])
+marker = pathlib.Path(os.environ["AR_OUTPUT_DIR"]) / "planted-code-ran"
+code = f"open({str(marker)!r}, 'a').write(__file__)\\n"
+site = home / ".local" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+for path in (home / "sitecustomize.py", home / "usercustomize.py", tmp / "sitecustomize.py",
+             site / "sitecustomize.py", site / "usercustomize.py"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(code)
+(site / "planted.pth").write_text("import os; " + code)
+for cache in (home / ".nv" / "ComputeCache", pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]),
+              pathlib.Path(os.environ["TRITON_CACHE_DIR"])):
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "index").write_bytes(b"planted")
+'''
+REPORT = '''
+import os
+print("worker env:", os.environ["HOME"], os.environ["TMPDIR"],
+      os.environ.get("TORCHINDUCTOR_CACHE_DIR"), flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CONFINED, reason="this kernel offers no Landlock confinement")
+def test_files_the_job_plants_in_its_tmp_never_reach_the_scorer(micro_ws, tmp_path):
+    source = (micro_ws.root / "train.py").read_text()
+    attack = "".join(f"{when}\n" + "".join(f"    {line}\n" for line in body.strip().splitlines())
+                     for when, body in (('if __name__ == "__main__":', PLANT),
+                                        ('if __name__ != "__main__":', REPORT)))  # fmt: skip
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("prepare.py", "ar.toml"):
+        (code / name).write_bytes((micro_ws.root / name).read_bytes())
+    (code / "train.py").write_text(source.replace("import prepare\n", "import prepare\n" + attack, 1))
+    run_dir = tmp_path / "run"
+    profile = micro_ws.config()["profile"]
+    result = run_experiment(ExperimentSpec(
+        code_dir=str(code), run_dir=str(run_dir), data_dir=str(micro_ws.data_dir),
+        time_budget=profile["time_budget"], startup_allowance=30,
+        eval_tokens=profile["eval_tokens"], seq_len=profile["max_seq_len"], eval_timeout=60,
+        device="cpu",
+    ))  # fmt: skip
+    assert result.status == "ok", result.reason
+    assert not (run_dir / "out" / "planted-code-ran").exists()
+    line = next(ln for ln in (run_dir / "worker-0.log").read_text().splitlines()
+                if ln.startswith("worker env:"))  # fmt: skip
+    home, tmp, inductor = line.split()[2:]
+    scorer_home = Path(home).parent  # the worker's HOME is made in the scorer's TMPDIR
+    assert Path(tmp) == Path(home) and inductor == "None"
+    assert scorer_home.name.startswith("ar-score-") and not scorer_home.exists()  # removed after
+    assert not Path(home).is_relative_to(run_dir.resolve())
