@@ -6,11 +6,13 @@ Run as its own process from the installed package, never from the worktree:
         --eval-tokens N --seq-len T [--device cpu|cuda] [--batch-size B] --out eval.json
 
 This process never imports train.py or anything from the run's directory. It reads the
-val and holdout splits and starts two confined model workers (sandbox/worker.py) that
-import train.py, load the weights and fill the logits for the input rows they are given:
-through shared memory this process allocates on CPU; on CUDA through a device buffer the
-worker exports and this process opens (sandbox/cudaipc.py), so logits never leave the GPU. They never see a target or a split file; the
-cross-entropy is computed here, from the logits in buffers this process owns.
+val and holdout splits and starts two confined model workers (sandbox/modelworker.py,
+sandbox/worker.py) that import train.py, load the weights and fill the logits for the
+input rows they are given: through shared memory this process allocates on CPU; on CUDA
+through a device buffer the worker exports and this process opens (sandbox/cudaipc.py),
+so logits never leave the GPU. Each batch's logits are copied once out of that buffer,
+which the worker can still write, and only the copy is read. The workers never see a
+target or a split file; the cross-entropy is computed here.
 
 Probes cannot be told apart from scoring. The rows are shuffled with a secret seed and
 split between the two workers, which share no state (separate processes, confined, no
@@ -28,11 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import mmap
-import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from sandbox import confine, cudaipc, protocol
+from sandbox import protocol
+from sandbox.errors import InvalidModel
 from sandbox.files import write_json_atomic
+from sandbox.modelworker import WORKERS, Worker
 
 # ---------------------------------------------------------------------------
 SPLITS = ("val", "holdout")
@@ -56,11 +57,7 @@ CUDA_LOGITS_PER_BATCH = 1 << 28  # 1 GiB of fp32 logits per batch on CUDA
 AHEAD_SHARE = 0.05  # share of each split's rows that get a look-ahead twin
 COPY_SHARE = 0.03  # share that get an exact-copy twin
 MIN_TWINS = 4  # per kind and split, however small the split
-WORKERS = 2
 READY_TIMEOUT_S = 300.0  # importing torch and train.py, building the model, loading weights
-WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
-              "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS", "AR_CPU_PRECISION")  # fmt: skip
 REASON_CHARS = protocol.MAX_TEXT
 # torch is imported by import_torch(), on CPU only once the workers are starting: their
 # imports of torch and train.py then overlap with the scorer's own.
@@ -75,10 +72,6 @@ def import_torch() -> None:
         import torch.nn.functional as _functional
 
         torch, F = _torch, _functional
-
-
-class InvalidModel(Exception):
-    """The code, weights or data cannot give a trustworthy score; the message says why."""
 
 
 # ---------------------------------------------------------------------------
@@ -214,161 +207,6 @@ def _twin(kind: str, split: str, row: int, inputs: torch.Tensor,
     twin = tokens.clone()
     twin[cut:] = (twin[cut:] + 1) % int(inputs.max() + 1)
     return Job("ahead", split, row, twin, cut=cut)
-
-
-# ---------------------------------------------------------------------------
-# A worker, as the scorer sees it
-
-
-def _shared_buffer(size: int, name: str) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, 0)  # not inheritable: handed to the worker by pass_fds only
-    os.ftruncate(fd, size)
-    return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-class Worker:
-    """One confined model worker: its buffers, its control pipes, its process."""
-
-    def __init__(self, index: int, code_dir: Path, weights_dir: Path, device: str, rows: int,
-                 seq_len: int, vocab: int, log_dir: Path, confined: bool):  # fmt: skip
-        self.index, self.device = index, device
-        self.shape = (rows, seq_len, vocab)
-        self._fds: list[int] = []
-        in_fd, self._inputs_map = _shared_buffer(rows * seq_len * 8, f"ar-inputs-{index}")
-        self._fds.append(in_fd)
-        args = ["--inputs-fd", str(in_fd)]
-        if device != "cuda":  # on CUDA the worker allocates its logits buffer and exports it
-            size = rows * seq_len * vocab * 4
-            out_fd, self._logits_map = _shared_buffer(size, f"ar-logits-{index}")
-            self._fds.append(out_fd)
-            args += ["--logits-fd", str(out_fd)]
-        to_worker_r, self._to_worker = os.pipe()
-        self._from_worker, from_worker_w = os.pipe()
-        self._fds += [to_worker_r, from_worker_w]
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"ar-worker-{index}-"))
-        self.log_path = log_dir / f"worker-{index}.log"
-        # -I ignores PYTHONPATH: the worker finds `sandbox` through a directory it may read
-        # (an editable install's repository root is not readable under confinement)
-        view = confine.import_dir(log_dir)
-        start = f"import sys; sys.path.insert(0, {str(view)!r}); from sandbox.worker import main; sys.exit(main())"
-        cmd = [
-            sys.executable, "-I", "-c", start, "--code-dir", str(code_dir),
-            "--weights-dir", str(weights_dir), "--device", device, "--rows", str(rows),
-            "--seq-len", str(seq_len), "--vocab", str(vocab), "--ctl-in", str(to_worker_r),
-            "--ctl-out", str(from_worker_w), *args,
-        ]  # fmt: skip
-        self.isolation, self.isolation_note = "none", "confinement was not asked for"
-        if confined:
-            cmd, self.isolation, self.isolation_note = _confined(
-                cmd, (code_dir, weights_dir, view), self.tmp, device
-            )
-        env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
-        env.update(HOME=str(self.tmp), TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
-        if device == "cpu":  # the workers compute at the same time: each gets its share
-            threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-            share = str(max(1, threads // WORKERS))
-            env.update(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                cwd=self.tmp, pass_fds=self._fds, start_new_session=True,
-            )  # fmt: skip
-        for fd in (to_worker_r, from_worker_w):
-            os.close(fd)
-        self._fds = [fd for fd in self._fds if fd not in (to_worker_r, from_worker_w)]
-
-    def wait_ready(self, deadline: float) -> int:
-        """Wait until the worker has loaded the model; its parameter count, as it says."""
-        if self.device == "cuda":
-            shared = self._receive((protocol.IPC_HANDLE, protocol.FAIL), deadline)
-            try:
-                self.logits = cudaipc.open_buffer(bytes.fromhex(shared.text), shared.value,
-                                                  self.shape, torch)  # fmt: skip
-            except (ValueError, cudaipc.CudaIpcError) as exc:
-                raise InvalidModel(f"model worker {self.index} shared no usable buffer: {exc}") from None
-        message = self._receive((protocol.READY, protocol.FAIL), deadline)
-        self.inputs = torch.from_numpy(
-            np.frombuffer(self._inputs_map, dtype=np.int64).reshape(self.shape[:2])
-        )
-        if self.device != "cuda":
-            self.logits = torch.from_numpy(
-                np.frombuffer(self._logits_map, dtype=np.float32).reshape(self.shape)
-            )
-        return int(message.value)
-
-    def submit(self, batch: torch.Tensor) -> None:
-        """Ask for the logits of input rows [B, T]; collect() waits for them."""
-        self._count = len(batch)
-        self.inputs[: self._count].copy_(batch)
-        protocol.send(self._to_worker, protocol.FWD, self._count)
-
-    def collect(self, deadline: float) -> torch.Tensor:
-        """The logits [B, T, V] of the last submit(). A view of the buffer: valid until the
-        next submit(), while the worker waits (whatever it writes is its own answer; rows
-        kept for comparison are copied out)."""
-        message = self._receive((protocol.DONE, protocol.FAIL), deadline)
-        if message.count != self._count:
-            raise InvalidModel(f"model worker {self.index} broke the protocol")
-        return self.logits[: self._count]
-
-    def _receive(self, allowed: tuple[bytes, ...], deadline: float) -> protocol.Message:
-        try:
-            message = protocol.receive(self._from_worker, allowed, deadline)
-        except protocol.ProtocolError as exc:
-            raise InvalidModel(self._died(str(exc))) from None
-        if message.kind == protocol.FAIL:
-            raise InvalidModel(message.text or "the model worker failed")
-        return message
-
-    def _died(self, what: str) -> str:
-        code = self.process.poll()
-        status = f"exited with code {code}" if code is not None else f"did not answer ({what})"
-        tail = _log_tail(self.log_path)
-        return f"the model worker {status}" + (f": {tail}" if tail else "")
-
-    def say_bye(self) -> None:
-        try:
-            protocol.send(self._to_worker, protocol.BYE)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        """After say_bye(): wait for the worker to exit (kill it after 2 s), free the rest."""
-        try:
-            self.process.wait(2)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for fd in (*self._fds, self._to_worker, self._from_worker):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path,
-              device: str) -> tuple[list[str], str, str]:  # fmt: skip
-    """The worker's command inside the kernel's confinement: it reads its code, weights and
-    the Python environment, writes only its private tmp, reaches no network."""
-    confinement = confine.Confinement(
-        read=tuple(map(str, readable)), write=(str(tmp),), gpu=device == "cuda"
-    )
-    applied = confine.plan(confinement, network=False)
-    wrapped = confine.launch_cmd(
-        applied, cmd, fsize_bytes=64 * 2**20, nofile=1024, parent_pid=os.getpid()
-    )
-    return wrapped, applied.level, applied.note
-
-
-def _log_tail(path: Path, max_bytes: int = 4096) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - max_bytes))
-            lines = handle.read().decode("utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return protocol.clean_text(lines[-1].encode()) if lines else ""
 
 
 # ---------------------------------------------------------------------------
@@ -547,6 +385,8 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
             workers.append(Worker(index, code_dir, weights_dir, device, batch_size, seq_len,
                                   data.vocab_size, logs, confine))  # fmt: skip
         import_torch()
+        if device == "cpu":  # the workers have the cores; this process only scores between batches
+            torch.set_num_threads(1)
         split_rows = {}
         for name in SPLITS:
             split_rows[name] = rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name)

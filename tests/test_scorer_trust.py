@@ -1,22 +1,83 @@
 """The trusted scorer against a hostile train.py, with real processes.
 
-What a training job plants in its tmp (a compiler cache, the CUDA driver's JIT cache
+A model worker that rewrites its logits buffer after answering changes nothing. What a
+training job plants in its tmp (a compiler cache, the CUDA driver's JIT cache
 under $HOME/.nv, Python startup files) never reaches the scorer, which runs with an
 environment and a HOME of its own.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sandbox.confine import support
 from sandbox.experiment import run_experiment, scorer_command, scorer_env
+from sandbox.modelworker import Worker
 from sandbox.runner import ENV_ALLOW
 from sandbox.spec import ExperimentSpec
 
 CONFINED = support().confines_files
+
+
+# ---------------------------------------------------------------------------
+# The logits buffer, read once
+
+VOCAB, SEQ_LEN = 64, 16
+SCRIBBLER = '''
+import mmap, os, sys, threading, time
+import torch
+
+NAN = bytes.fromhex("0000c07f")
+
+
+def scribble():
+    """A second after each answer, NaN over the whole logits buffer the scorer shared."""
+    fd = int(sys.argv[sys.argv.index("--logits-fd") + 1])
+    shared = mmap.mmap(fd, os.fstat(fd).st_size)
+    time.sleep(1.0)
+    shared[:] = NAN * (len(shared) // 4)
+
+
+class Bigram(torch.nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(vocab_size, vocab_size))
+
+    def forward(self, idx):
+        threading.Thread(target=scribble, daemon=True).start()
+        return self.table[idx]
+
+
+def build_model(config):
+    return Bigram(config["vocab_size"])
+'''
+
+
+def test_a_worker_that_rewrites_its_logits_after_answering_changes_nothing(tmp_path):
+    code, weights = tmp_path / "code", tmp_path / "out"
+    code.mkdir()
+    weights.mkdir()
+    (code / "train.py").write_text(SCRIBBLER)
+    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0))
+    torch.save({"table": table}, weights / "model.pt")
+    (weights / "config.json").write_text(json.dumps({"vocab_size": VOCAB}))
+    worker = Worker(0, code, weights, "cpu", 4, SEQ_LEN, VOCAB, tmp_path, CONFINED)
+    try:
+        worker.wait_ready(time.monotonic() + 120)
+        batch = torch.randint(0, VOCAB, (4, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+        worker.submit(batch)
+        answer = worker.collect(time.monotonic() + 60)
+        time.sleep(3.0)
+        assert torch.isnan(worker.logits).all()  # the worker rewrote its buffer...
+        assert torch.equal(answer, table[batch])  # ...and the answer is still what it said
+    finally:
+        worker.say_bye()
+        worker.close()
 
 
 # ---------------------------------------------------------------------------
