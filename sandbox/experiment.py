@@ -247,6 +247,7 @@ def _record_eval(scored: dict, result: ExperimentResult) -> tuple[str, str | Non
     result.eval_tokens = scored.get("val_tokens")
     result.eval_note = scored.get("note")
     result.twin_rows = scored.get("twin_rows")
+    result.probe_power = scored.get("probe_power")
     result.causality_max_diff = scored.get("causality_max_diff")
     result.worker_isolation = scored.get("worker_isolation")
     if scored.get("num_params_M") is not None:

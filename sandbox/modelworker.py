@@ -26,8 +26,8 @@ import numpy as np
 
 from sandbox import confine, cudaipc, protocol
 from sandbox.errors import InvalidModel
+from sandbox.probes import WORKERS
 
-WORKERS = 2  # the scorer's model workers, computing at once
 # The scorer's variables a worker inherits; HOME and TMPDIR are its own private tmp.
 WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
               "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
