@@ -258,7 +258,7 @@ def _plan(data: Data, eval_tokens: int, seq_len: int, batch_size: int, probe_tar
         )
     result["note"] = "; ".join(filter(None, notes))
     result["probes"], result["twin_rows"] = plan.probes, plan.extra_rows
-    result["probe_power"] = {str(k): round(plan.power(k), 6) for k in probes.REPORTED_K}
+    result["probe_power"] = {str(k): plan.power(k) for k in probes.REPORTED_K}
     return plan, splits
 
 

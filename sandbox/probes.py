@@ -33,6 +33,10 @@ the same token before the cut where one can be found, so the join reads naturall
 the scored rows cannot carry all the probes (one each), the rest are decoys: unscored
 spare rows with a twin, one on each worker. Where the splits hold too little text even
 for that, the plan has fewer probes, and Plan.power says what they achieve.
+
+The chances above assume that the two workers cannot talk to each other (the sandbox's
+part) and that a worker cannot tell where a twin was joined: one that can, and guesses
+the reference's token there, escapes that twin as often as its guess is right.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def test_scored_rows_too_few_for_the_probes_are_helped_out_by_decoys():
 def test_splits_with_too_little_text_get_fewer_probes_and_the_power_says_so():
     splits = splits_of(scored=20, spare=0, seq_len=16)
     plan = make_plan(splits, 8, np.random.default_rng(4), wanted=50)
-    assert 0 < plan.probes <= 2 * (20 - probes.COPIES_PER_SPLIT) // 2
+    assert 0 < plan.probes <= 2 * ((20 - probes.COPIES_PER_SPLIT) // 2)  # two splits
     assert plan.power(3) == probe_power(3, 16, plan.probes) < 0.99
 
 
