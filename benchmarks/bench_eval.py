@@ -1,11 +1,19 @@
-"""The trust boundary's cost: scoring through the split (trusted scorer + two confined model
-workers) against scoring in one process that imports train.py (what the evaluation did
-before the split), on the same weights, in one run; and what confinement adds to a start.
+"""The trust boundary's cost and what its probes catch.
 
-    python benchmarks/bench_eval.py [--profile cpu|gpu] [--source SPEC] [--repeat N]
+    python benchmarks/bench_eval.py [--profile cpu|gpu] [--source SPEC] [--repeat N] [--sim-runs N]
 
-Targets: the split costs at most 20% more than in-process on the cpu profile, at most
-15 s more on the gpu profile; confinement adds at most 0.5 s to a job's start.
+Scoring through the split (trusted scorer + two confined model workers) against scoring in
+one process that imports train.py (what the evaluation did before the split), on the same
+weights, in one run, interleaved: the scorer with exact copies only (the cost of the split
+itself, as before the probes covered every position) and with its probes (now). Then the
+probes' power: the chance of catching a model that looks ahead at k of the T positions of
+each row, computed for both profiles and measured on the cpu profile by simulation; and
+what confinement adds to a start.
+
+Targets: the split with copies only at most 1.51x in-process on the cpu profile (its figure
+before the probes), at most 15 s more on the gpu profile; the probes catch a look-ahead at
+3 positions of each row with at least 99% on both profiles, for the cost of their extra
+rows (printed); confinement adds at most 0.5 s to a job's start.
 """
 
 from __future__ import annotations
@@ -25,15 +33,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import probe_power  # noqa: E402  (beside this file)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from autoresearch_cli.doors import workspace  # noqa: E402
-from autoresearch_cli.doors.config import load_raw  # noqa: E402
+from autoresearch_cli.doors.config import PROFILES, load_raw  # noqa: E402
 from autoresearch_cli.doors.data import prepare_data  # noqa: E402
 from sandbox import confine  # noqa: E402
-from sandbox.evaluate import SPLITS, import_torch, load_data, pick_batch_size, rows  # noqa: E402
+from sandbox.evaluate import SPLITS, load_data, pick_batch_size, split_rows  # noqa: E402
 
 
 def save_random_weights(code_dir: Path, out_dir: Path, vocab: int, seq_len: int) -> None:
@@ -51,7 +61,6 @@ def in_process(code_dir: Path, out_dir: Path, data_dir: Path, eval_tokens: int, 
                device: str) -> tuple[float, float]:
     """(val_bpb, seconds): import train.py here, forward every row, cross-entropy here."""
     started = time.monotonic()
-    import_torch()
     sys.path.insert(0, str(code_dir))
     spec = importlib.util.spec_from_file_location("bench_train", code_dir / "train.py")
     train = importlib.util.module_from_spec(spec)
@@ -66,7 +75,9 @@ def in_process(code_dir: Path, out_dir: Path, data_dir: Path, eval_tokens: int, 
     bpb = {}
     with torch.inference_mode():
         for name in SPLITS:
-            inputs, targets = rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name)
+            windows = split_rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name).windows
+            inputs = torch.from_numpy(windows[:, :-1].astype("int64"))
+            targets = torch.from_numpy(windows[:, 1:].astype("int64"))
             nats, nbytes = 0.0, 0
             token_bytes = torch.from_numpy(data.token_bytes).to(device)
             for start in range(0, len(inputs), batch):
@@ -112,10 +123,12 @@ def main() -> int:
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--source", default="stdlib")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sim-runs", type=int, default=200, help="plans simulated per k")
     parser.add_argument("--data-dir", type=Path, default=None, help="reuse a prepared data dir")
     args = parser.parse_args()
     os.environ.setdefault("GIT_CONFIG_GLOBAL", os.devnull)
     device = "cuda" if args.profile == "gpu" else "cpu"
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace.init(Path(tmp) / "ws", profile=args.profile, tag="bench")
         profile = load_raw(ws.config_path)["profile"]
@@ -125,44 +138,80 @@ def main() -> int:
         out = Path(tmp) / "out"
         out.mkdir()
         save_random_weights(ws.root, out, profile["vocab_size"], profile["max_seq_len"])
-        eval_tokens, seq_len = profile["eval_tokens"], profile["max_seq_len"]
-        inproc, split = [], []
-        reference = [sys.executable, __file__, "--reference", str(ws.root), str(out), str(data_dir),
-                     str(eval_tokens), str(seq_len), device]  # fmt: skip
-        scorer = [sys.executable, "-I", "-m", "sandbox.evaluate", "--code-dir", str(ws.root),
-                  "--weights-dir", str(out), "--data-dir", str(data_dir), "--eval-tokens",
-                  str(eval_tokens), "--seq-len", str(seq_len), "--device", device,
-                  "--out", str(Path(tmp) / "eval.json")]  # fmt: skip
-        for _ in range(args.repeat):  # fresh processes, interleaved: drift hits both alike
-            started = time.monotonic()
-            done = subprocess.run(reference, capture_output=True, text=True)
-            if done.returncode:
-                print(f"in-process evaluation failed: {done.stderr.strip()[-1500:]}")
-                return 1
-            bpb_in = float(done.stdout.split()[-1])
-            inproc.append(time.monotonic() - started)
-            started = time.monotonic()
-            subprocess.run(scorer, check=True, capture_output=True, cwd=tmp)
-            split.append(time.monotonic() - started)
-            result = json.loads((Path(tmp) / "eval.json").read_text())
-            if result["status"] != "ok":
-                print(f"split evaluation failed: {result['reason']}")
-                return 1
+        timed = time_scoring(ws.root, out, data_dir, profile, device, Path(tmp), args.repeat)
+        if timed is None:
+            return 1
+        simulated = None
+        if args.profile == "cpu" and args.sim_runs > 0:
+            splits = probe_power.real_splits(data_dir, profile["eval_tokens"], profile["max_seq_len"])
+            simulated = probe_power.simulate(splits, args.sim_runs)
+    print(f"{args.profile} profile on {device}: {profile['eval_tokens']:,} tokens per split, "
+          f"seq {profile['max_seq_len']}, {os.cpu_count()} cores, median of {args.repeat}, "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("\n".join(timing_lines(timed, device)))
+    planned = [probe_power.plan_of(name, probe_power.nominal_splits(
+                   PROFILES[name]["eval_tokens"], PROFILES[name]["max_seq_len"],
+                   PROFILES[name]["vocab_size"]),
+                   pick_batch_size("cuda" if name == "gpu" else "cpu", PROFILES[name]["max_seq_len"],
+                                   PROFILES[name]["vocab_size"]))
+               for name in ("cpu", "gpu")]  # fmt: skip
+    print("\n".join(probe_power.report(planned, simulated, args.sim_runs)))
     plain, confined, level = confinement_start_cost(max(5, args.repeat))
-    a, b = statistics.median(inproc), statistics.median(split)
-    print(f"{args.profile} profile on {device}: {eval_tokens:,} tokens per split, seq {seq_len}, "
-          f"{os.cpu_count()} cores, median of {args.repeat}")
-    print(f"  one process that imports train.py (before): {a:7.2f} s  val_bpb {bpb_in:.6f}")
-    print(f"  trusted scorer + 2 confined workers (now):  {b:7.2f} s  val_bpb {result['val_bpb']:.6f}"
-          f"  ({result['twin_rows']} twin rows, workers {result['worker_isolation']})")
-    limit = "<= 1.20x" if device == "cpu" else "<= +15 s"
-    ok = b <= 1.2 * a if device == "cpu" else b <= a + 15
-    print(f"  split / in-process: {b / a:.2f}x, +{b - a:.2f} s (target {limit}: "
-          f"{'ok' if ok else 'OVER TARGET'})")
-    print(f"  start of `python -c pass`: {plain:.3f} s plain, {confined:.3f} s confined ({level}); "
+    print(f"start of `python -c pass`: {plain:.3f} s plain, {confined:.3f} s confined ({level}); "
           f"+{confined - plain:.3f} s (target <= 0.5 s: {'ok' if confined - plain <= 0.5 else 'OVER'})")
     return 0
 
+
+def time_scoring(code: Path, out: Path, data_dir: Path, profile: dict, device: str, tmp: Path,
+                 repeat: int) -> dict | None:  # fmt: skip
+    """Seconds of each way of scoring (fresh processes, interleaved: drift hits all alike),
+    and the last eval.json of each scorer; None when one failed."""
+    eval_tokens, seq_len = profile["eval_tokens"], profile["max_seq_len"]
+    reference = [sys.executable, __file__, "--reference", str(code), str(out), str(data_dir),
+                 str(eval_tokens), str(seq_len), device]  # fmt: skip
+    scorer = [sys.executable, "-I", "-m", "sandbox.evaluate", "--code-dir", str(code),
+              "--weights-dir", str(out), "--data-dir", str(data_dir), "--eval-tokens",
+              str(eval_tokens), "--seq-len", str(seq_len), "--device", device,
+              "--out", str(tmp / "eval.json")]  # fmt: skip
+    ways = {"in-process": reference, "copies only": [*scorer, "--probe-target", "0"],
+            "probes": scorer}  # fmt: skip
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    results: dict[str, dict] = {}
+    for _ in range(repeat):
+        for way, cmd in ways.items():
+            started = time.monotonic()
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+            seconds[way].append(time.monotonic() - started)
+            if done.returncode:
+                print(f"{way} evaluation failed: {done.stderr.strip()[-1500:]}")
+                return None
+            if way == "in-process":
+                results[way] = {"val_bpb": float(done.stdout.split()[-1])}
+                continue
+            results[way] = json.loads((tmp / "eval.json").read_text())
+            if results[way]["status"] != "ok":
+                print(f"{way} evaluation failed: {results[way]['reason']}")
+                return None
+    return {way: (statistics.median(seconds[way]), results[way]) for way in ways}
+
+
+def timing_lines(timed: dict, device: str) -> list[str]:
+    inproc, reference = timed["in-process"]
+    copies = timed["copies only"][0]
+    lines = [f"  one process that imports train.py:               {inproc:7.2f} s  "
+             f"val_bpb {reference['val_bpb']:.6f}"]  # fmt: skip
+    for way, name in (("copies only", "exact copies only (before)"), ("probes", "probes (now)")):
+        seconds, result = timed[way]
+        lines.append(f"  scorer + 2 workers, {name + ':':<29}{seconds:7.2f} s  {seconds / inproc:.2f}x  "
+                     f"val_bpb {result['val_bpb']:.6f}  {result['twin_rows']} extra rows, "
+                     f"{result['probes']} probes: k=3 caught {result['probe_power']['3']:.1%}")
+    ok = copies <= 1.51 * inproc if device == "cpu" else copies <= inproc + 15
+    limit = "<= 1.51x" if device == "cpu" else "<= +15 s"
+    probed = timed["probes"][0]
+    lines.append(f"  the split alone: {copies / inproc:.2f}x in-process (target {limit}: "
+                 f"{'ok' if ok else 'OVER TARGET'}); the probes: {probed / copies:.2f}x the split "
+                 f"alone, +{probed - copies:.2f} s")
+    return lines
 
 if __name__ == "__main__":
     sys.exit(main())

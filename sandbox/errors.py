@@ -7,3 +7,8 @@ class SandboxError(Exception):
 
 class SandboxConfigError(SandboxError):
     """Limits or a confinement that make no sense (a negative time limit, a missing path)."""
+
+
+class InvalidModel(Exception):
+    """The scorer cannot give the model a trustworthy score (its code, weights or data, or
+    what its workers answered); the message says why."""

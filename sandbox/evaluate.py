@@ -5,22 +5,26 @@ Run as its own process from the installed package, never from the worktree:
     python -I -m sandbox.evaluate --code-dir WORKTREE --weights-dir OUT --data-dir DATA \\
         --eval-tokens N --seq-len T [--device cpu|cuda] [--batch-size B] --out eval.json
 
-This process never imports train.py or anything from the run's directory. It reads the
-val and holdout splits and starts two confined model workers (sandbox/worker.py) that
-import train.py, load the weights and fill the logits for the input rows they are given:
-through shared memory this process allocates on CPU; on CUDA through a device buffer the
-worker exports and this process opens (sandbox/cudaipc.py), so logits never leave the GPU. They never see a target or a split file; the
-cross-entropy is computed here, from the logits in buffers this process owns.
+This process never imports train.py or anything from the run's directory, and runs with an
+environment of its own (sandbox/experiment.py: a fresh private HOME and TMPDIR, nothing the
+training job set or wrote). It reads the val and holdout splits and starts two confined
+model workers (sandbox/modelworker.py, sandbox/worker.py) that import train.py, load the
+weights and fill the logits for the input rows they are given: through shared memory this
+process allocates on CPU; on CUDA through a device buffer the worker exports and this
+process opens (sandbox/cudaipc.py), so logits never leave the GPU. Each batch's logits are
+copied once out of that buffer, and only the copy is read. The workers never see a target
+or a split file; the cross-entropy is computed here (sandbox/scoring.py).
 
-Probes cannot be told apart from scoring. The rows are shuffled with a secret seed and
-split between the two workers, which share no state (separate processes, confined, no
-common writable place). Hidden among the scoring batches are twins of some rows, sent to
-the *other* worker: exact copies (a row must get the same logits among other rows and in
-another process: no row mixing, no state, no nondeterminism) and look-ahead twins whose
-tokens after a random cut come from elsewhere in the split (logits before the cut must
-not move). A twin is a real row of natural text in a full batch like any other; a model
-that cheats on any row it scores risks being compared with its twin. eval.json is
-always written; an invalid result carries a reason, never a score.
+Probes cannot be told apart from scoring (sandbox/probes.py). The rows are shuffled with a
+secret seed and split between the two workers, which share no state. Hidden among the
+scoring batches are twins of rows, each sent to the *other* worker: the same row with its
+tokens from a cut on replaced by other real text (the scores before the cut must not
+move) or, at a few, an exact copy (no row mixing, no state, no nondeterminism). Cuts fall
+uniformly on every position of a row, and there are enough probes that a model which
+looks ahead at 3 of the T positions of each row is caught with at least 99% (where the
+splits hold the text for them; eval.json's probe_power says what was achieved, for 1, 3
+and 10 positions). eval.json is always written; an invalid result carries a reason, never
+a score.
 """
 
 from __future__ import annotations
@@ -28,57 +32,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import mmap
-import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sandbox import confine, cudaipc, protocol
+from sandbox import probes, protocol
+from sandbox.errors import InvalidModel
 from sandbox.files import write_json_atomic
+from sandbox.modelworker import Worker
 
 # ---------------------------------------------------------------------------
 SPLITS = ("val", "holdout")
-# How far logits may move where the model must not look, relative to max(1, largest |logit|).
-# Twins run in full batches of the same shape, so an honest model answers them identically
-# up to the rounding of its kernels: fp32 on CPU exactly, bf16 autocast on CUDA nearly.
-TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}
+DEVICES = ("cpu", "cuda")
 CPU_TOKENS_PER_BATCH = 16384  # throughput on two cores grows up to about here (measured)
 CUDA_LOGITS_PER_BATCH = 1 << 28  # 1 GiB of fp32 logits per batch on CUDA
-AHEAD_SHARE = 0.05  # share of each split's rows that get a look-ahead twin
-COPY_SHARE = 0.03  # share that get an exact-copy twin
-MIN_TWINS = 4  # per kind and split, however small the split
-WORKERS = 2
+SPARE_ROWS_PER_PROBE = 2  # spare rows read past the scored ones: a decoy and a donor per probe
 READY_TIMEOUT_S = 300.0  # importing torch and train.py, building the model, loading weights
-WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
-              "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS", "AR_CPU_PRECISION")  # fmt: skip
 REASON_CHARS = protocol.MAX_TEXT
-# torch is imported by import_torch(), on CPU only once the workers are starting: their
-# imports of torch and train.py then overlap with the scorer's own.
-torch: Any = None
-F: Any = None
-
-
-def import_torch() -> None:
-    global torch, F
-    if torch is None:
-        import torch as _torch
-        import torch.nn.functional as _functional
-
-        torch, F = _torch, _functional
-
-
-class InvalidModel(Exception):
-    """The code, weights or data cannot give a trustworthy score; the message says why."""
 
 
 # ---------------------------------------------------------------------------
@@ -122,345 +99,29 @@ def load_data(data_dir: Path) -> Data:
     return Data(vocab_size, token_bytes.astype(np.int64), splits)
 
 
-def rows(tokens: np.ndarray, eval_tokens: int, seq_len: int, vocab_size: int, name: str):
-    """Inputs and targets [rows, seq_len] from the first tokens of a split.
+def scored_rows(split_tokens: int, eval_tokens: int, seq_len: int) -> int:
+    """Whole rows of at most eval_tokens targets: row r reads tokens[r*T : r*T+T] and is
+    scored on tokens[r*T+1 : r*T+T+1]."""
+    return max(0, min(eval_tokens, split_tokens - 1) // seq_len)
 
-    Row r reads tokens[r*T : r*T+T] and is scored on tokens[r*T+1 : r*T+T+1]; only whole
-    rows count, so at most min(eval_tokens, len(tokens) - 1) targets are scored.
-    """
-    n_rows = min(eval_tokens, len(tokens) - 1) // seq_len
-    if n_rows < 1:
+
+def split_rows(tokens: np.ndarray, eval_tokens: int, seq_len: int, vocab_size: int, name: str,
+               spare: int = 0) -> probes.SplitRows:  # fmt: skip
+    """The split as rows: the scored ones (scored_rows), then up to `spare` whole rows of
+    the text after the last scored target, for the probes."""
+    scored = scored_rows(len(tokens), eval_tokens, seq_len)
+    if scored < 1:
         raise InvalidModel(f"the {name} split holds {len(tokens)} tokens, fewer than one row")
-    used = torch.from_numpy(np.array(tokens[: n_rows * seq_len + 1], dtype=np.int64))
-    if int(used.max()) >= vocab_size:
+    start = scored * seq_len + 1
+    spare = max(0, min(spare, (len(tokens) - start - 1) // seq_len))
+    regions = [np.asarray(tokens[: start]), np.asarray(tokens[start : start + spare * seq_len + 1])]
+    windows = np.concatenate([
+        np.lib.stride_tricks.sliding_window_view(region, seq_len + 1)[::seq_len]
+        for region in regions if len(region) > seq_len
+    ])  # fmt: skip
+    if int(windows.max()) >= vocab_size:
         raise InvalidModel(f"the {name} split holds token ids >= vocab_size {vocab_size}")
-    return used[:-1].view(n_rows, seq_len), used[1:].view(n_rows, seq_len)
-
-
-# ---------------------------------------------------------------------------
-# The plan: which row goes to which worker, in which batch, with which twins
-
-
-@dataclass
-class Job:
-    """One row of one batch: a scored row, a twin of a scored row, or a filler."""
-
-    kind: str  # "score" | "copy" | "ahead" | "fill"
-    split: str
-    row: int
-    tokens: torch.Tensor  # [T] what the worker is given
-    cut: int = 0  # ahead twins: positions >= cut hold other text; < cut are compared
-
-
-@dataclass
-class Plan:
-    batches: list[tuple[int, list[Job]]]  # (worker, jobs) in the order they run
-    twins: list[Job] = field(default_factory=list)
-
-
-def make_plan(split_rows: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-              rng: np.random.Generator) -> Plan:  # fmt: skip
-    """Every row scored once, by one of the workers (half each, chosen at random); twins of
-    some rows on the other worker; each worker's rows shuffled and cut into batches of one
-    size, at most `batch_size`, as even as can be (the last one padded with filler rows)."""
-    per_worker: list[list[Job]] = [[] for _ in range(WORKERS)]
-    twins: list[Job] = []
-    for split, (inputs, _) in split_rows.items():
-        n, seq_len = inputs.shape
-        owner = rng.permutation(n) % WORKERS
-        for row in range(n):
-            per_worker[owner[row]].append(Job("score", split, row, inputs[row]))
-        for kind, share in (("copy", COPY_SHARE), ("ahead", AHEAD_SHARE)):
-            count = min(n, max(MIN_TWINS, math.ceil(share * n)))
-            for row in rng.choice(n, count, replace=False):
-                twin = _twin(kind, split, int(row), inputs, rng)
-                if twin is None:
-                    continue
-                per_worker[1 - owner[row]].append(twin)
-                twins.append(twin)
-    batches = []
-    all_rows = [job for jobs in per_worker for job in jobs if job.kind == "score"]
-    longest = max(len(jobs) for jobs in per_worker)
-    batch_size = math.ceil(longest / math.ceil(longest / batch_size))  # one shape, little padding
-    for worker, jobs in enumerate(per_worker):
-        order = rng.permutation(len(jobs))
-        jobs = [jobs[i] for i in order]
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            while len(batch) < batch_size and len(batch) < len(all_rows):
-                filler = all_rows[int(rng.integers(0, len(all_rows)))]
-                batch.append(Job("fill", filler.split, filler.row, filler.tokens))
-            batches.append((worker, batch))
-    order = rng.permutation(len(batches))
-    return Plan([batches[i] for i in order], twins)
-
-
-def _twin(kind: str, split: str, row: int, inputs: torch.Tensor,
-          rng: np.random.Generator) -> Job | None:  # fmt: skip
-    tokens = inputs[row]
-    if kind == "copy":
-        return Job("copy", split, row, tokens.clone())
-    n, seq_len = inputs.shape
-    if seq_len < 2:
-        return None
-    cut = int(rng.integers(max(1, seq_len // 4), max(2, 3 * seq_len // 4) + 1))
-    cut = min(cut, seq_len - 1)
-    for _ in range(8):  # real text from another place of the split, differing after the cut
-        donor = inputs[int(rng.integers(0, n))]
-        twin = tokens.clone()
-        twin[cut:] = donor[cut:]
-        if not torch.equal(twin, tokens):
-            return Job("ahead", split, row, twin, cut=cut)
-    twin = tokens.clone()
-    twin[cut:] = (twin[cut:] + 1) % int(inputs.max() + 1)
-    return Job("ahead", split, row, twin, cut=cut)
-
-
-# ---------------------------------------------------------------------------
-# A worker, as the scorer sees it
-
-
-def _shared_buffer(size: int, name: str) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, 0)  # not inheritable: handed to the worker by pass_fds only
-    os.ftruncate(fd, size)
-    return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-class Worker:
-    """One confined model worker: its buffers, its control pipes, its process."""
-
-    def __init__(self, index: int, code_dir: Path, weights_dir: Path, device: str, rows: int,
-                 seq_len: int, vocab: int, log_dir: Path, confined: bool):  # fmt: skip
-        self.index, self.device = index, device
-        self.shape = (rows, seq_len, vocab)
-        self._fds: list[int] = []
-        in_fd, self._inputs_map = _shared_buffer(rows * seq_len * 8, f"ar-inputs-{index}")
-        self._fds.append(in_fd)
-        args = ["--inputs-fd", str(in_fd)]
-        if device != "cuda":  # on CUDA the worker allocates its logits buffer and exports it
-            size = rows * seq_len * vocab * 4
-            out_fd, self._logits_map = _shared_buffer(size, f"ar-logits-{index}")
-            self._fds.append(out_fd)
-            args += ["--logits-fd", str(out_fd)]
-        to_worker_r, self._to_worker = os.pipe()
-        self._from_worker, from_worker_w = os.pipe()
-        self._fds += [to_worker_r, from_worker_w]
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"ar-worker-{index}-"))
-        self.log_path = log_dir / f"worker-{index}.log"
-        # -I ignores PYTHONPATH: the worker finds `sandbox` through a directory it may read
-        # (an editable install's repository root is not readable under confinement)
-        view = confine.import_dir(log_dir)
-        start = f"import sys; sys.path.insert(0, {str(view)!r}); from sandbox.worker import main; sys.exit(main())"
-        cmd = [
-            sys.executable, "-I", "-c", start, "--code-dir", str(code_dir),
-            "--weights-dir", str(weights_dir), "--device", device, "--rows", str(rows),
-            "--seq-len", str(seq_len), "--vocab", str(vocab), "--ctl-in", str(to_worker_r),
-            "--ctl-out", str(from_worker_w), *args,
-        ]  # fmt: skip
-        self.isolation, self.isolation_note = "none", "confinement was not asked for"
-        if confined:
-            cmd, self.isolation, self.isolation_note = _confined(
-                cmd, (code_dir, weights_dir, view), self.tmp, device
-            )
-        env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
-        env.update(HOME=str(self.tmp), TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
-        if device == "cpu":  # the workers compute at the same time: each gets its share
-            threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-            share = str(max(1, threads // WORKERS))
-            env.update(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                cwd=self.tmp, pass_fds=self._fds, start_new_session=True,
-            )  # fmt: skip
-        for fd in (to_worker_r, from_worker_w):
-            os.close(fd)
-        self._fds = [fd for fd in self._fds if fd not in (to_worker_r, from_worker_w)]
-
-    def wait_ready(self, deadline: float) -> int:
-        """Wait until the worker has loaded the model; its parameter count, as it says."""
-        if self.device == "cuda":
-            shared = self._receive((protocol.IPC_HANDLE, protocol.FAIL), deadline)
-            try:
-                self.logits = cudaipc.open_buffer(bytes.fromhex(shared.text), shared.value,
-                                                  self.shape, torch)  # fmt: skip
-            except (ValueError, cudaipc.CudaIpcError) as exc:
-                raise InvalidModel(f"model worker {self.index} shared no usable buffer: {exc}") from None
-        message = self._receive((protocol.READY, protocol.FAIL), deadline)
-        self.inputs = torch.from_numpy(
-            np.frombuffer(self._inputs_map, dtype=np.int64).reshape(self.shape[:2])
-        )
-        if self.device != "cuda":
-            self.logits = torch.from_numpy(
-                np.frombuffer(self._logits_map, dtype=np.float32).reshape(self.shape)
-            )
-        return int(message.value)
-
-    def submit(self, batch: torch.Tensor) -> None:
-        """Ask for the logits of input rows [B, T]; collect() waits for them."""
-        self._count = len(batch)
-        self.inputs[: self._count].copy_(batch)
-        protocol.send(self._to_worker, protocol.FWD, self._count)
-
-    def collect(self, deadline: float) -> torch.Tensor:
-        """The logits [B, T, V] of the last submit(). A view of the buffer: valid until the
-        next submit(), while the worker waits (whatever it writes is its own answer; rows
-        kept for comparison are copied out)."""
-        message = self._receive((protocol.DONE, protocol.FAIL), deadline)
-        if message.count != self._count:
-            raise InvalidModel(f"model worker {self.index} broke the protocol")
-        return self.logits[: self._count]
-
-    def _receive(self, allowed: tuple[bytes, ...], deadline: float) -> protocol.Message:
-        try:
-            message = protocol.receive(self._from_worker, allowed, deadline)
-        except protocol.ProtocolError as exc:
-            raise InvalidModel(self._died(str(exc))) from None
-        if message.kind == protocol.FAIL:
-            raise InvalidModel(message.text or "the model worker failed")
-        return message
-
-    def _died(self, what: str) -> str:
-        code = self.process.poll()
-        status = f"exited with code {code}" if code is not None else f"did not answer ({what})"
-        tail = _log_tail(self.log_path)
-        return f"the model worker {status}" + (f": {tail}" if tail else "")
-
-    def say_bye(self) -> None:
-        try:
-            protocol.send(self._to_worker, protocol.BYE)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        """After say_bye(): wait for the worker to exit (kill it after 2 s), free the rest."""
-        try:
-            self.process.wait(2)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for fd in (*self._fds, self._to_worker, self._from_worker):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _confined(cmd: list[str], readable: tuple[Path, ...], tmp: Path,
-              device: str) -> tuple[list[str], str, str]:  # fmt: skip
-    """The worker's command inside the kernel's confinement: it reads its code, weights and
-    the Python environment, writes only its private tmp, reaches no network."""
-    confinement = confine.Confinement(
-        read=tuple(map(str, readable)), write=(str(tmp),), gpu=device == "cuda"
-    )
-    # CUDA's IPC handles open only within one PID namespace: a CUDA worker shares the
-    # scorer's, where the scorer's hidepid /proc and Landlock hide the workers from each other.
-    applied = confine.plan(confinement, network=False, pid_namespace=device != "cuda")
-    wrapped = confine.launch_cmd(
-        applied, cmd, fsize_bytes=64 * 2**20, nofile=1024, parent_pid=os.getpid()
-    )
-    return wrapped, applied.level, applied.note
-
-
-def _log_tail(path: Path, max_bytes: int = 4096) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - max_bytes))
-            lines = handle.read().decode("utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return protocol.clean_text(lines[-1].encode()) if lines else ""
-
-
-# ---------------------------------------------------------------------------
-# Scoring
-
-
-def token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in nats [B, T] from float32 logits [B, T, V]."""
-    targets = targets.to(logits.device)
-    nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    if not bool(torch.isfinite(nats).all()):
-        raise InvalidModel("the model returned NaN or Inf logits (the loss is not finite)")
-    return nats.view(targets.shape)
-
-
-@dataclass
-class Tally:
-    nats: dict[str, float]
-    target_bytes: dict[str, int]
-    kept: dict[tuple[str, int], torch.Tensor]  # logits of rows that have twins
-    twin_logits: list[tuple[Job, torch.Tensor]]
-
-
-def run_plan(plan: Plan, workers: list[Worker], split_rows, token_bytes: torch.Tensor,
-             deadline: float) -> Tally:  # fmt: skip
-    """Both workers compute at once; the scorer scores one's batch while the other runs."""
-    twinned = {(t.split, t.row) for t in plan.twins}
-    tally = Tally({s: 0.0 for s in split_rows}, {s: 0 for s in split_rows}, {}, [])
-    queues = [[jobs for w, jobs in plan.batches if w == index] for index in range(len(workers))]
-    running: dict[int, list[Job]] = {}
-    for index, queue in enumerate(queues):
-        if queue:
-            running[index] = queue.pop(0)
-            workers[index].submit(torch.stack([job.tokens for job in running[index]]))
-    while running:
-        for index in list(running):
-            jobs = running.pop(index)
-            _tally_batch(tally, jobs, workers[index].collect(deadline), split_rows, token_bytes,
-                         twinned)  # fmt: skip
-            if queues[index]:
-                running[index] = queues[index].pop(0)
-                workers[index].submit(torch.stack([job.tokens for job in running[index]]))
-    return tally
-
-
-def _tally_batch(tally: Tally, jobs: list[Job], logits: torch.Tensor, split_rows,
-                 token_bytes: torch.Tensor, twinned: set) -> None:  # fmt: skip
-    for split in split_rows:
-        scored = [i for i, job in enumerate(jobs) if job.kind == "score" and job.split == split]
-        if not scored:
-            continue
-        targets = split_rows[split][1][[jobs[i].row for i in scored]]
-        target_bytes = token_bytes.to(logits.device)[targets.to(logits.device)]
-        nats = token_nats(logits[scored], targets)
-        tally.nats[split] += float((nats.double() * (target_bytes > 0)).sum())
-        tally.target_bytes[split] += int(target_bytes.sum())
-    for i, job in enumerate(jobs):
-        if job.kind == "score" and (job.split, job.row) in twinned:
-            tally.kept[(job.split, job.row)] = logits[i].clone()
-        elif job.kind in ("copy", "ahead"):
-            tally.twin_logits.append((job, logits[i].clone()))
-    if not math.isfinite(sum(tally.nats.values())):
-        raise InvalidModel("the model returned NaN or Inf logits")
-
-
-def check_twins(tally: Tally, device: str) -> tuple[float, str | None]:
-    """The largest move between a row and its twin where none is allowed, and why the
-    model is invalid when that move is beyond rounding (None when it is not)."""
-    worst = {"copy": 0.0, "ahead": 0.0}
-    scale = 1.0
-    for job, logits in tally.twin_logits:
-        original = tally.kept[(job.split, job.row)]
-        scale = max(scale, float(original.abs().max()))
-        compared = slice(None) if job.kind == "copy" else slice(0, job.cut)
-        moved = float((logits[compared] - original[compared]).abs().max())
-        worst[job.kind] = max(worst[job.kind], moved if math.isfinite(moved) else math.inf)
-    tolerance = TOLERANCE[device] * scale
-    reason = None
-    if worst["copy"] > tolerance:
-        reason = (
-            f"the model's logits for a row moved by {worst['copy']:.3g} (tolerance "
-            f"{tolerance:.3g}) when the same row was scored again among other rows: it mixes "
-            "batch rows, keeps state between calls (stateful), or is nondeterministic"
-        )
-    elif worst["ahead"] > tolerance:
-        reason = (
-            f"the model looks ahead: changing later tokens of a row moved the logits at "
-            f"earlier positions by {worst['ahead']:.3g} (tolerance {tolerance:.3g})"
-        )
-    return max(worst.values()), reason
+    return probes.SplitRows(windows, scored)
 
 
 def pick_batch_size(device: str, seq_len: int, vocab_size: int) -> int:
@@ -484,9 +145,12 @@ def evaluate(
     log_dir: str | Path | None = None,
     confine: bool = True,
     timeout: float = 3600.0,
+    probe_target: float = probes.TARGET_POWER,
 ) -> dict[str, Any]:
     """Score the model in weights_dir on the val and holdout splits: the eval.json dict.
 
+    `probe_target`: the chance of catching a model that looks ahead at probes.TARGET_K
+    positions of each row that the probes are sized for (0: the copies alone).
     Never raises for a bad model, bad weights or bad data: status "invalid" with a reason.
     """
     started = time.monotonic()
@@ -494,23 +158,15 @@ def evaluate(
         "status": "invalid", "reason": None, "val_bpb": None, "holdout_bpb": None,
         "val_tokens": 0, "holdout_tokens": 0, "eval_tokens_requested": int(eval_tokens),
         "num_params_M": None, "causality_max_diff": None, "seconds": 0.0, "note": "",
-        "twin_rows": 0, "worker_isolation": None, "worker_isolation_note": None,
+        "twin_rows": 0, "probes": 0, "probe_power": None, "worker_isolation": None,
+        "worker_isolation_note": None,
     }  # fmt: skip
     own_log_dir = log_dir is None
     logs = Path(tempfile.mkdtemp(prefix="ar-eval-")) if own_log_dir else Path(log_dir)
     try:
         paths = Path(code_dir).resolve(), Path(weights_dir).resolve(), Path(data_dir)
-        _evaluate(
-            *paths,
-            int(eval_tokens),
-            int(seq_len),
-            device,
-            batch_size,
-            logs,
-            confine,
-            started + timeout,
-            result,
-        )
+        _evaluate(*paths, int(eval_tokens), int(seq_len), device, batch_size, logs, confine,
+                  started + timeout, float(probe_target), result)  # fmt: skip
         result["status"] = "ok"
     except InvalidModel as exc:
         result["reason"] = _clip(str(exc))
@@ -529,54 +185,81 @@ def evaluate(
 
 
 def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, batch_size, logs,
-              confine, deadline, result):  # fmt: skip
-    if eval_tokens < 1 or seq_len < 2 or (batch_size or 1) < 1 or device not in TOLERANCE:
+              confine, deadline, probe_target, result):  # fmt: skip
+    if (eval_tokens < 1 or seq_len < 2 or (batch_size or 1) < 1 or device not in DEVICES
+            or not 0 <= probe_target < 1):  # fmt: skip
         raise InvalidModel(
-            f"bad arguments: eval_tokens {eval_tokens}, seq_len {seq_len}, "
-            f"batch_size {batch_size}, device {device!r}"
+            f"bad arguments: eval_tokens {eval_tokens}, seq_len {seq_len}, batch_size "
+            f"{batch_size}, device {device!r}, probe_target {probe_target}"
         )
     data = load_data(data_dir)
-    total_rows = sum(max(0, min(eval_tokens, len(t) - 1) // seq_len) for t in data.splits.values())
+    total_rows = sum(scored_rows(len(t), eval_tokens, seq_len) for t in data.splits.values())
     batch_size = max(1, min(batch_size or pick_batch_size(device, seq_len, data.vocab_size),
                             total_rows))  # fmt: skip
     if device == "cuda":  # the shared device buffers need CUDA before the workers start
-        import_torch()
+        import torch
+
         if not torch.cuda.is_available():
             raise InvalidModel("device cuda was asked for but CUDA is not available")
     workers: list[Worker] = []
     try:
-        for index in range(WORKERS):  # both start at once: their imports overlap
+        for index in range(probes.WORKERS):  # both start at once: their imports overlap
             workers.append(Worker(index, code_dir, weights_dir, device, batch_size, seq_len,
                                   data.vocab_size, logs, confine))  # fmt: skip
-        import_torch()
-        split_rows = {}
-        for name in SPLITS:
-            split_rows[name] = rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name)
-            note = _shortfall(name, eval_tokens, len(data.splits[name]), split_rows[name][0].numel())
-            result["note"] = "; ".join(filter(None, [result["note"], note]))
-        plan = make_plan(split_rows, batch_size, np.random.default_rng(secrets.randbits(64)))
+        plan, splits = _plan(data, eval_tokens, seq_len, batch_size, probe_target, result)
+        import torch  # while the workers import theirs
+
+        from sandbox import scoring
+
+        if device == "cpu":  # the workers have the cores; this process only scores between batches
+            torch.set_num_threads(1)
+
         ready_by = min(deadline, time.monotonic() + READY_TIMEOUT_S)
         params = [worker.wait_ready(ready_by) for worker in workers]
         result["num_params_M"] = round(params[0] / 1e6, 6)  # as a worker reports it
         result["worker_isolation"] = workers[0].isolation
         result["worker_isolation_note"] = workers[0].isolation_note
         with torch.inference_mode():
-            token_bytes = torch.from_numpy(data.token_bytes)
-            tally = run_plan(plan, workers, split_rows, token_bytes, deadline)
-            result["causality_max_diff"], reason = check_twins(tally, device)
-        if reason:
-            raise InvalidModel(reason)
+            token_bytes = torch.from_numpy(data.token_bytes).to(workers[0].logits.device)
+            tally = scoring.run_plan(plan, workers, splits, token_bytes, deadline)
+            compared = scoring.compare_twins(tally, device)
+        result["causality_max_diff"] = compared.max_move
+        if compared.reason:
+            raise InvalidModel(compared.reason)
     finally:
         for worker in workers:
             worker.say_bye()
         for worker in workers:
             worker.close()
-    result["twin_rows"] = len(plan.twins)
     for name in SPLITS:
         if tally.target_bytes[name] == 0:
             raise InvalidModel(f"the scored {name} tokens hold no bytes (only special tokens)")
         result[f"{name}_bpb"] = tally.nats[name] / math.log(2) / tally.target_bytes[name]
-        result[f"{name}_tokens"] = split_rows[name][0].numel()
+        result[f"{name}_tokens"] = splits[name].scored * seq_len
+
+
+def _plan(data: Data, eval_tokens: int, seq_len: int, batch_size: int, probe_target: float,
+          result: dict[str, Any]) -> tuple[probes.Plan, dict[str, probes.SplitRows]]:  # fmt: skip
+    """The secret plan of rows and probes, and what it achieves, in `result`."""
+    wanted = probes.probes_needed(probes.TARGET_K, probe_target, seq_len)
+    splits = {
+        name: split_rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name,
+                         spare=SPARE_ROWS_PER_PROBE * wanted)
+        for name in SPLITS
+    }  # fmt: skip
+    plan = probes.make_plan(splits, batch_size, np.random.default_rng(secrets.randbits(64)), wanted)
+    notes = [_shortfall(name, eval_tokens, len(data.splits[name]), rows.scored * seq_len)
+             for name, rows in splits.items()]  # fmt: skip
+    if plan.probes < wanted:
+        notes.append(
+            f"probes: {plan.probes} of the {wanted} wanted (the splits hold too little text): "
+            f"a look-ahead at {probes.TARGET_K} positions of each row is caught with "
+            f"{plan.power(probes.TARGET_K):.1%}, not {probe_target:.0%}"
+        )
+    result["note"] = "; ".join(filter(None, notes))
+    result["probes"], result["twin_rows"] = plan.probes, plan.extra_rows
+    result["probe_power"] = {str(k): plan.power(k) for k in probes.REPORTED_K}
+    return plan, splits
 
 
 def _shortfall(name: str, requested: int, split_tokens: int, scored: int) -> str | None:
@@ -615,16 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     add("--data-dir", required=True, type=Path, help="the data directory written by ar prepare")
     add("--eval-tokens", required=True, type=int, help="tokens to score in each split")
     add("--seq-len", required=True, type=int, help="tokens per row")
-    add("--device", default="cpu", choices=sorted(TOLERANCE))
+    add("--device", default="cpu", choices=DEVICES)
     add("--batch-size", type=int, default=None, help="rows per forward (default: picked)")
     add("--log-dir", type=Path, default=None, help="where the workers' logs go")
     add("--no-confine", action="store_true", help="run the model workers unconfined")
     add("--timeout", type=float, default=3600.0, help="seconds for the whole evaluation")
+    add("--probe-target", type=float, default=probes.TARGET_POWER,
+        help=f"chance of catching a look-ahead at {probes.TARGET_K} positions per row the "
+             "probes are sized for (0: exact copies only)")  # fmt: skip
     add("--out", required=True, type=Path, help="where to write eval.json")
     args = parser.parse_args(argv)
     result = evaluate(
         args.code_dir, args.weights_dir, args.data_dir, args.eval_tokens, args.seq_len,
         args.device, args.batch_size, args.log_dir, not args.no_confine, args.timeout,
+        args.probe_target,
     )  # fmt: skip
     try:
         write_json_atomic(args.out, result)

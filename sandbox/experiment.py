@@ -5,8 +5,9 @@
 The training job may read its code, train.bin and the tokenizer, and write only its
 output directory and a private tmp; it cannot reach the network, the evaluation splits,
 the ledger, the repository or the user's files (sandbox/confine.py). The scorer
-(sandbox/evaluate.py) is trusted: it never imports train.py, and runs the model in
-confined workers of its own. Every number in result.json comes from this process's clock,
+(sandbox/evaluate.py) is trusted: it never imports train.py, starts from an environment
+and a private directory of its own (nothing the job set or wrote: scorer_env), and runs
+the model in confined workers of its own. Every number in result.json comes from this process's clock,
 the sandbox's monitors or the scorer; what train.py prints is only used for figures it
 alone can know (steps, MFU, tokens), and never for val_bpb.
 """
@@ -17,6 +18,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -172,8 +174,7 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
             ("train.py saved no weights: it must end with prepare.save_for_eval(model, config)"),
         )
     else:
-        result.status, result.reason = _score(spec, code_dir, run_dir, out_dir, data_dir, device,
-                                              env, result)  # fmt: skip
+        result.status, result.reason = _score(spec, run_dir, device, cpu.env, result)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     result.total_seconds = round(time.monotonic() - started, 2)
     if result.status != "ok":
@@ -182,26 +183,46 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
     return result
 
 
-def _score(
-    spec, code_dir, run_dir, out_dir, data_dir, device, env, result
-) -> tuple[str, str | None]:
-    """Run the trusted scorer (itself unconfined: it never runs the candidate's code)."""
-    eval_json = run_dir / "eval.json"
-    eval_json.unlink(missing_ok=True)
-    cmd = [
-        spec.python, "-I", "-m", "sandbox.evaluate", "--code-dir", str(code_dir.resolve()),
-        "--weights-dir", str(out_dir.resolve()), "--data-dir", str(data_dir.resolve()),
+def scorer_env(cpu_env: dict[str, str], home: Path) -> dict[str, str]:
+    """The trusted scorer's environment: ar's own harmless variables (runner.job_env), the
+    threads and precision of the CPU plan, and `home`, a fresh private directory, as HOME
+    and TMPDIR. Nothing the training job set or wrote: not its HOME or TMPDIR (the run's
+    tmp), nor its compiler caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, and on CUDA
+    the driver's JIT cache under $HOME/.nv)."""
+    return job_env({**cpu_env, "HOME": str(home), "TMPDIR": str(home)})
+
+
+def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str) -> list[str]:
+    """The trusted scorer of the weights in run_dir/out, run from the installed package."""
+    return [
+        spec.python, "-I", "-m", "sandbox.evaluate",
+        "--code-dir", str(Path(spec.code_dir).resolve()),
+        "--weights-dir", str((run_dir / "out").resolve()),
+        "--data-dir", str(Path(spec.data_dir).resolve()),
         "--eval-tokens", str(int(spec.eval_tokens)), "--seq-len", str(int(spec.seq_len)),
         "--device", device, "--log-dir", str(run_dir.resolve()),
-        "--timeout", str(spec.eval_timeout), "--out", str(eval_json),
+        "--timeout", str(spec.eval_timeout), "--out", str(run_dir / "eval.json"),
         *(() if spec.confine else ("--no-confine",)),
     ]  # fmt: skip
+
+
+def _score(spec: ExperimentSpec, run_dir: Path, device: str, cpu_env: dict[str, str],
+           result: ExperimentResult) -> tuple[str, str | None]:  # fmt: skip
+    """Run the trusted scorer (itself unconfined: it never runs the candidate's code) in a
+    fresh private directory, its HOME, removed afterwards; record what it says in `result`."""
+    eval_json = run_dir / "eval.json"
+    eval_json.unlink(missing_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="ar-score-"))
     started = time.monotonic()
-    # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
-    # scorer confines its workers itself, so it gets ar's AR_SANDBOX_* switches.
-    env = {**env, **confine.switches()}
-    evaluation = run(cmd, cwd=run_dir, env=env, limits=_limits(spec, spec.eval_timeout + 5),
-                     log_path=run_dir / "eval.log", pid_namespace=True)  # fmt: skip
+    try:
+        # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
+        # scorer confines its workers itself, so it gets ar's AR_SANDBOX_* switches.
+        evaluation = run(scorer_command(spec, run_dir, device), cwd=home,
+                         env={**scorer_env(cpu_env, home), **confine.switches()},
+                         limits=_limits(spec, spec.eval_timeout + 5),
+                         log_path=run_dir / "eval.log", pid_namespace=True)  # fmt: skip
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     result.eval_seconds = round(time.monotonic() - started, 2)
     if evaluation.reason == "interrupted":
         raise KeyboardInterrupt
@@ -221,9 +242,14 @@ def _score(
             "invalid",
             f"the evaluation wrote no result: {tail[-1][:200] if tail else 'no output'}",
         )
+    return _record_eval(scored, result)
+
+
+def _record_eval(scored: dict, result: ExperimentResult) -> tuple[str, str | None]:
     result.eval_tokens = scored.get("val_tokens")
     result.eval_note = scored.get("note")
     result.twin_rows = scored.get("twin_rows")
+    result.probe_power = scored.get("probe_power")
     result.causality_max_diff = scored.get("causality_max_diff")
     result.worker_isolation = scored.get("worker_isolation")
     if scored.get("num_params_M") is not None:

@@ -75,7 +75,9 @@ class ExperimentResult:
     eval_tokens: int | None = None
     eval_seconds: float | None = None
     eval_note: str | None = None
-    twin_rows: int | None = None
+    twin_rows: int | None = None  # rows the scorer ran for its probes alone
+    # the chance that the probes catch a model looking ahead at k positions per row, by k
+    probe_power: dict[str, float] | None = None
     causality_max_diff: float | None = None
     network_isolated: bool | None = None
     isolation: str | None = None  # how the training job was confined

@@ -15,7 +15,7 @@ import pytest
 from e2e import ar, git, result_json, rows
 from openai_stub import StubServer
 
-from autoresearch_cli import config as config_mod
+from autoresearch_cli.doors import config as config_mod
 from sandbox import cgroup, confine
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def hostile(ws, when: str, body: str) -> str:
 
 def use_stub(ws, stub, **sandbox) -> dict:
     """Point the workspace's agent at the stub (no repairs) and commit; the env for `ar`."""
-    settings = config_mod.load(ws.config_path)
+    settings = config_mod.load_raw(ws.config_path)
     settings["agent"].update(name="llm", model="openai/stub-model", api_base=stub.url,
                              api_key_env=KEY_ENV, repair_attempts=0)  # fmt: skip
     settings["sandbox"].update(sandbox)
