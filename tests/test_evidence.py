@@ -107,7 +107,13 @@ def test_every_view_names_the_same_best_with_the_same_mean(ws_ledger, micro_ws, 
     text = history_section(told)
     assert f"{mean:.6f} over 4 runs" in text and "1.945000 (2)" in text
     assert "differ by about" in text and "disturbed" in text
-    assert [p.sha for p in parents(evidence, SHA["b"])] == [SHA["b"], SHA["e"], SHA["a"]]
+    # the parents on offer: the best, the record newest first, then C: discarded, but its
+    # runs beat the best's on the same seeds (1.90, 1.99 against 1.95, 1.96)
+    offered = parents(evidence, SHA["b"])
+    assert [(p.sha, p.role) for p in offered] == [(SHA["b"], "best"), (SHA["e"], "keep"),
+                                                  (SHA["a"], "baseline"), (SHA["c"], "candidate")]
+    assert offered[3].level == pytest.approx(mean + (1.90 - 1.95 + 1.99 - 1.96) / 2)
+    assert [p.tried for p in offered] == [3, 0, 1, 0]
     # results.tsv: one line per decided commit, each with its mean
     lines = tsv_lines(evidence)
     assert lines[1].split("\t")[:2] == ["aaaaaaa", f"{statistics.fmean(BASELINE):.6f}"]

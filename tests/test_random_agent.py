@@ -198,3 +198,15 @@ def test_make_agent_picks_the_agent_and_trust_is_the_agents_property():
     assert AGENTS["random"].model_backed is RandomAgent.model_backed is False
     assert AGENTS["llm"].model_backed is LLMAgent.model_backed is True
     assert model_backed("llm") and model_backed("tree-search") and not model_backed("random")
+
+
+def test_a_draw_that_repeats_a_commit_under_another_description_is_drawn_again():
+    """The same history length gives the same first draw; when the history holds a commit
+    with that train.py (described otherwise), the agent draws something else."""
+    baseline = HistoryItem(1, "baseline", 1.5, "baseline", None, sha="base", kind="baseline")
+    unseen = HistoryItem(2, "a proposal that never ran", None, "invalid", None, 0)
+    first = RandomAgent(seed=7).propose(TRAIN_PY, "", History([baseline, unseen]))
+    ran = HistoryItem(2, "written by hand", 1.6, "discard", 0.1, sha="ran", parent_sha="base")
+    told = History([baseline, ran], sources={"base": TRAIN_PY, "ran": first.train_py})
+    again = RandomAgent(seed=7).propose(TRAIN_PY, "", told)
+    assert again.train_py not in (first.train_py, TRAIN_PY)

@@ -28,8 +28,8 @@ from autoresearch_cli.agents.base import (
     Proposal,
     ProposalError,
     RecordCall,
-    choose_parent,
 )
+from autoresearch_cli.agents.parents import choose_parent
 from autoresearch_cli.errors import AgentError
 
 

@@ -36,6 +36,22 @@ class Proposal:
     raw_reply: str | None = None
 
 
+@dataclass(frozen=True)
+class Parent:
+    """An evaluated commit an experiment may build on."""
+
+    sha: str
+    val_bpb: float | None  # None: it has no ok evaluation (a crashed baseline)
+    experiment_id: int | None
+    description: str
+    tried: int = 0  # experiments already built on it (those in flight included)
+    runs: int = 0  # its scored runs on the best's hardware class
+    role: str = "best"  # best | baseline | keep (an earlier one) | candidate
+    # Its mean through its pairs with the best (research/evidence.paired_mean): what the
+    # choice of a parent weighs; val_bpb when it has no pairs.
+    level: float | None = None
+
+
 @dataclass
 class HistoryItem:
     """One tried change: a commit (its mean over its runs) or a proposal that never ran."""
@@ -43,10 +59,23 @@ class HistoryItem:
     experiment_id: int | str
     description: str
     val_bpb: float | None  # the commit's mean val_bpb over its runs; None: never scored
-    status: str  # baseline, keep, discard, pending, crash, invalid, timeout, ...
+    status: str  # baseline, keep, discard, pending, running, crash, invalid, timeout, ...
     delta: float | None  # val_bpb minus its parent's mean; negative is better
     runs: int = 1  # the scored runs behind val_bpb
     reason: str | None = None  # why it ended so (the keep test's line, a failure's cause)
+    sha: str | None = None  # its commit (None: the proposal never became one)
+    parent_sha: str | None = None  # the commit it changed
+    kind: str = "experiment"  # baseline | experiment | repair | combination
+    # Its paired evidence against the commit it was judged against (the best of its time;
+    # else its parent), on the seeds both ran on: how much lower its runs were (positive:
+    # better), the half-width of that gain's interval, and the pairs behind it.
+    gain: float | None = None
+    gain_half_width: float | None = None
+    pairs: int = 0
+    # Its mean estimated through those pairs: the reference's mean over all its runs plus
+    # the mean paired difference (its own mean without pairs). The seed's luck the two
+    # shared cancels, so levels of different commits compare better than their means.
+    level: float | None = None
 
 
 @dataclass
@@ -57,9 +86,15 @@ class History:
     noise: float | None = None  # the spread of val_bpb between runs of one commit
     noise_df: int = 0
     best: HistoryItem | None = None  # the incumbent, as the keep test sees it
+    sources: dict[str, str] = field(default_factory=dict, repr=False)  # sha -> its train.py
+    parent: Parent | None = None  # the commit this proposal builds on (None: not said)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def train_py(self, sha: str | None) -> str | None:
+        """train.py as committed at `sha`, when the history holds it."""
+        return self.sources.get(sha) if sha else None
 
 
 @dataclass
@@ -91,16 +126,6 @@ RecordCall = Callable[[CallRecord], None]
 OnStream = Callable[[int, float], None]  # (tokens received so far, seconds since the call began)
 
 
-@dataclass(frozen=True)
-class Parent:
-    """An evaluated commit an experiment may build on."""
-
-    sha: str
-    val_bpb: float | None  # None: it has no ok evaluation (a crashed baseline)
-    experiment_id: int | None
-    description: str
-
-
 class Agent(Protocol):
     # Whether the train.py it proposes comes from a model (and so is written by something
     # rewarded by the score): such code runs only confined, or where the user allowed it.
@@ -111,15 +136,3 @@ class Agent(Protocol):
                 ) -> Proposal:
         """A new train.py for `train_py`; each model call made for it goes to `record_call`."""
         ...
-
-
-def choose_parent(agent: object, parents: list[Parent]) -> Parent:
-    """The commit the agent's next experiment builds on: the agent's `choose_parent` when
-    it has one, else the first of `parents` (the loop lists the branch tip, the best, first).
-    An agent may build on any evaluated commit; an answer not in `parents` is ignored."""
-    chooser = getattr(agent, "choose_parent", None)
-    if chooser is not None:
-        chosen = chooser(parents)
-        if chosen in parents:
-            return chosen
-    return parents[0]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoresearch_cli.agents.base import History, Proposal, RecordCall
+from autoresearch_cli.agents.novelty import find_repeat
 from autoresearch_cli.doors.template import assigned_name, set_constants
 from autoresearch_cli.errors import AgentError
 
@@ -36,6 +37,7 @@ class Constant:
     name: str
     value: Any  # int | float | str | tuple of numbers
     source: str  # the value as written
+    comment: str = ""  # the comment on its line, without the '#'
 
 
 @dataclass(frozen=True)
@@ -44,17 +46,30 @@ class Change:
     source: str  # the new value as it will be written
 
 
-class RandomAgent:
+class SeededAgent:
+    """An offline agent's seeding: with a seed, its draws for a proposal depend only on the
+    seed, the parent's train.py and the history's length, so a run replays exactly."""
+
     model_backed = False  # its train.py is the parent's with constants changed by ar
+    salt = ""  # keeps two agents with one seed from drawing the same numbers
 
     def __init__(self, seed: int | None = None):
         self.seed = seed
         self._unseeded = random.Random()
 
+    def _rng(self, train_py: str, history: History,
+             failure: str | None) -> random.Random:
+        if self.seed is None:
+            return self._unseeded
+        digest = hashlib.sha256(train_py.encode()).hexdigest()[:16]
+        return random.Random(f"{self.salt}{self.seed}|{len(history)}|{failure is not None}|{digest}")
+
+
+class RandomAgent(SeededAgent):
     def propose(self, train_py: str, program_md: str, history: History,
                 failure: str | None = None, record_call: RecordCall | None = None) -> Proposal:
         constants = find_constants(train_py)
-        if not any(_mutations(constant, constants) for constant in constants.values()):
+        if not any(mutable(constant, constants) for constant in constants.values()):
             raise AgentError("train.py has no UPPER_CASE hyperparameters the random agent "
                              "can change")
         rng = self._rng(train_py, history, failure)
@@ -65,19 +80,14 @@ class RandomAgent:
             if not changes:
                 continue
             description = describe(constants, changes)
-            fallback = fallback or (description, changes)
-            if description not in tried:
+            new_train_py = apply_changes(train_py, constants, changes)
+            fallback = fallback or (description, new_train_py)
+            if (description not in tried
+                    and find_repeat(train_py, new_train_py, history) is None):
                 break
         else:
-            description, changes = fallback
-        return Proposal(description, apply_changes(train_py, constants, changes), "mutation")
-
-    def _rng(self, train_py: str, history: History,
-             failure: str | None) -> random.Random:
-        if self.seed is None:
-            return self._unseeded
-        digest = hashlib.sha256(train_py.encode()).hexdigest()[:16]
-        return random.Random(f"{self.seed}|{len(history)}|{failure is not None}|{digest}")
+            description, new_train_py = fallback
+        return Proposal(description, new_train_py, "mutation")
 
 
 # --- reading constants -----------------------------------------------------------------------
@@ -105,7 +115,9 @@ def find_constants(train_py: str) -> dict[str, Constant]:
         raw = lines[node.lineno - 1].encode()
         start, end = node.value.col_offset, node.value.end_col_offset
         source = raw[start:end].decode()
-        constants[target] = Constant(target, value, source)
+        rest = raw[end:].decode().strip()
+        comment = rest[1:].strip() if rest.startswith("#") else ""
+        constants[target] = Constant(target, value, source, comment)
     return constants
 
 
@@ -149,11 +161,11 @@ def _number(node: ast.expr) -> int | float:
 
 def draw_changes(constants: dict[str, Constant], rng: random.Random) -> list[Change]:
     """One or two mutations; a batch size that brings its partner along counts as one."""
-    mutable = [name for name in constants if _mutations(constants[name], constants)]
-    wanted = 2 if len(mutable) > 1 and rng.random() < 0.3 else 1
+    mutable_names = [name for name in constants if mutable(constants[name], constants)]
+    wanted = 2 if len(mutable_names) > 1 and rng.random() < 0.3 else 1
     changes: list[Change] = []
     mutated = 0
-    for name in rng.sample(mutable, len(mutable)):
+    for name in rng.sample(mutable_names, len(mutable_names)):
         if mutated == wanted:
             break
         changed = {change.name for change in changes}
@@ -166,6 +178,12 @@ def draw_changes(constants: dict[str, Constant], rng: random.Random) -> list[Cha
         changes.extend(choice)
         mutated += 1
     return changes
+
+
+def mutable(constant: Constant, constants: dict[str, Constant]) -> bool:
+    """Whether the constant is a hyperparameter an offline agent may move: it changes what
+    is learned, and has a value that can be scaled or chosen (see _mutations)."""
+    return bool(_mutations(constant, constants))
 
 
 def _mutations(constant: Constant, constants: dict[str, Constant]) -> list:

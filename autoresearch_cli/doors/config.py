@@ -68,7 +68,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "network": False,  # False: cut the job off the network where the kernel allows
     },
     "agent": {
-        "name": "random",  # random | llm
+        "name": "random",  # random | tpe | llm
         "model": "",  # any litellm model string, e.g. anthropic/claude-sonnet-4-5
         "api_base": "",  # OpenAI-compatible server or Ollama
         "api_key_env": "",  # environment variable holding the key
@@ -77,6 +77,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_output_tokens": 0,  # 0: litellm's limit for the model (at most 16384), else 12288
         "call_timeout_s": 300,  # one model call, streamed: the stream is closed at this limit
         "proposal_timeout_s": 900,  # all calls of one proposal, retries and follow-ups included
+        # How far agents look beyond the best for a commit to build on (agents/parents.py:
+        # UCB over the best, earlier keeps and promising candidates); 0: always the best.
+        "explore": 1.0,
     },
     "keep": {
         # The keep test (research/keeprule.py). "sequential": a candidate's k-th run and the
@@ -153,6 +156,7 @@ class AgentSettings:
     max_output_tokens: int
     call_timeout_s: float
     proposal_timeout_s: float
+    explore: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,9 @@ def _check(config: dict[str, Any], path: Path) -> None:
     if not isinstance(agent.get("repair_attempts"), int) or agent["repair_attempts"] < 0:
         raise ConfigError(f"{path}: [agent] repair_attempts must be an integer of at least 0, "
                           f"got {agent.get('repair_attempts')!r}")
+    explore = agent.get("explore")
+    if isinstance(explore, bool) or not isinstance(explore, int | float) or explore < 0:
+        raise ConfigError(f"{path}: [agent] explore must be a number of at least 0, got {explore!r}")
 
 
 def _check_keep(keep: dict[str, Any], path: Path) -> None:

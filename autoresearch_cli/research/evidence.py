@@ -182,6 +182,16 @@ def gain(before: CommitEvidence, after: CommitEvidence) -> Gain | None:
     return Gain(before, after, before.mean - after.mean, half)
 
 
+def paired_mean(candidate: CommitEvidence, reference: CommitEvidence | None) -> float | None:
+    """The candidate's mean estimated through its pairs with `reference`: the reference's
+    mean over all its runs plus the mean of the paired differences (a control variate:
+    the luck of the seeds both ran on cancels). Its own mean when they share no seed."""
+    shared = pairs(candidate, reference)
+    if not shared or reference is None or reference.mean is None:
+        return candidate.mean
+    return reference.mean + statistics.fmean(mine - theirs for _, mine, theirs in shared)
+
+
 @dataclass
 class Evidence:
     """The ledger's runs and branch moves, read as evidence about commits."""
@@ -343,6 +353,15 @@ class Evidence:
         if not parent.runs:
             parent = self.on_class(run.parent_sha) or parent
         return parent.mean
+
+    def against(self, run: Run) -> CommitEvidence | None:
+        """The commit `run`'s candidate was judged against (named in its judgement; else
+        its parent), on `run`'s class: its paired evidence is read against this one."""
+        judged = run.judgement if isinstance(run.judgement, dict) else {}
+        sha = judged.get("against") or run.parent_sha
+        if not isinstance(sha, str) or not sha:
+            return None
+        return self.commit(sha, run.slot_class)
 
     def commit_of(self, run: Run) -> CommitEvidence | None:
         """The evidence of the commit `run` trained, on its class."""

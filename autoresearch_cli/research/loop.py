@@ -6,6 +6,7 @@ command works the same on this machine and on a cluster.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from autoresearch_cli.agents.base import Agent
@@ -30,16 +31,21 @@ def connect(current: Session, backend: str, workers: int | None,
 
 def iterate(current: Session, agent: Agent, agent_name: str, n: int | None,
             on_event: Events = quiet, workers: int | None = None, backend: str = "local",
-            address: str | None = None) -> Outcome:
-    """Run `n` new experiments (None: until interrupted or the agent stops), `workers` at
-    once (None: one per visible GPU, or one on CPU; on Ray, one per GPU of the cluster)."""
+            address: str | None = None, hours: float | None = None) -> Outcome:
+    """Run `n` new experiments (None: until interrupted, out of time or money), `workers`
+    at once (None: one per visible GPU, or one on CPU; on Ray, one per GPU of the
+    cluster). After `hours` nothing new starts; what runs finishes and is recorded. A
+    model never ends the loop by saying it is done (agents/llm.py asks it for the next
+    experiment)."""
+    deadline = time.monotonic() + hours * 3600 if hours is not None else None
     pool = connect(current, backend, workers, address)
     try:
         if current.evidence().on_class(current.ws.tip()) is None:
             on_event("note", message="no evaluation of the branch tip yet: running the "
                                      "baseline first")
-            Scheduler(current, pool, measures=1, on_event=on_event).run()
-        return Scheduler(current, pool, agent, agent_name, n, on_event=on_event).run()
+            Scheduler(current, pool, measures=1, on_event=on_event, deadline=deadline).run()
+        return Scheduler(current, pool, agent, agent_name, n, on_event=on_event,
+                         deadline=deadline).run()
     finally:
         pool.close()  # a cluster's slots are given back at once
 

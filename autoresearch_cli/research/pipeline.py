@@ -29,6 +29,7 @@ from autoresearch_cli.agents.base import (
     Proposal,
     ProposalError,
 )
+from autoresearch_cli.agents.novelty import find_repeat, repeat_message
 from autoresearch_cli.doors import gitops
 from autoresearch_cli.doors.records import Run
 from autoresearch_cli.doors.text import one_line, printable, unicode_safe
@@ -203,9 +204,10 @@ def propose(current: Session, agent: Agent, exp_id: int, task: Task) -> Proposal
         failed_sha = ledger.run(task.repair_of).sha
         shown_train_py = (train_py_of(current, failed_sha) if failed_sha else "") or parent_train_py
     bound = {"record_call": lambda record: ledger.record_llm_call(exp_id, record)}
+    told = history_of.for_proposal(current, task.parent)
     try:
         proposal = agent.propose(shown_train_py, program_md(current, task.parent.sha),
-                                 history_of.history(current.evidence()), task.failure,
+                                 told, task.failure,
                                  **(bound if _takes_record_call(agent) else {}))
     except ProposalError as exc:
         return reject(current, exp_id, one_line(exc.reason))
@@ -223,6 +225,9 @@ def propose(current: Session, agent: Agent, exp_id: int, task: Task) -> Proposal
     reason = validate(proposal.train_py, parent_train_py)
     if reason:
         return reject(current, exp_id, reason)
+    repeat = find_repeat(parent_train_py, proposal.train_py, told)
+    if repeat is not None:  # whichever agent proposed it: nothing is trained twice
+        return reject(current, exp_id, f"turned back before training: {repeat_message(repeat)}")
     return proposal
 
 
@@ -319,12 +324,14 @@ def record(current: Session, candidate: Candidate, result: Result,
     gitops.worktree_remove(ws.root, candidate.worktree)
 
 
-def settle(current: Session, guard: RefGuard, exp_id: int, tested: Judgement) -> None:
+def settle(current: Session, guard: RefGuard, exp_id: int, tested: Judgement,
+           against: str | None = None) -> None:
     """Act on the keep test's verdict on experiment `exp_id`: keep (the branch moves to its
     commit, compare-and-swap; a replaced best stays reachable), discard (its weights go),
-    or confirm (nothing yet: its evidence so far is stored on its row)."""
+    or confirm (nothing yet: its evidence so far is stored on its row, with the commit it
+    was judged against, `against`)."""
     ws, ledger = current.ws, current.ledger
-    evidence = json.dumps(tested.as_dict(), sort_keys=True)
+    evidence = json.dumps({**tested.as_dict(), "against": against}, sort_keys=True)
     if tested.verdict == CONFIRM:
         ledger.update(exp_id, evidence=evidence)
         return

@@ -13,15 +13,18 @@ best at that moment. Every loop that runs work again is bounded.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from autoresearch_cli.agents.base import Agent, AgentError, Parent, choose_parent
+from autoresearch_cli.agents.base import Agent, AgentError, Parent
+from autoresearch_cli.agents.parents import choose_parent
 from autoresearch_cli.backends.base import Backend, Ended, Slot
 from autoresearch_cli.doors import gitops
 from autoresearch_cli.doors.records import IN_FLIGHT, NEW_COMMIT_KINDS, Run
 from autoresearch_cli.research import decide, keeprule, pipeline
+from autoresearch_cli.research.combine import Winners, beat
 from autoresearch_cli.research.evidence import CommitEvidence, Evidence, pairs
 from autoresearch_cli.research.history import parents
 from autoresearch_cli.research.measurements import Measurements
@@ -43,12 +46,14 @@ Events = Callable[..., None]
 class Outcome:
     started: int = 0  # new experiments (repairs not counted)
     stopped_because: str | None = None  # the agent could not go on
+    time_up: bool = False  # the deadline passed: nothing new was started after it
 
 
 @dataclass
 class Scheduler:
     """Runs `n` new experiments (None: until interrupted) and `measures` runs of the tip
-    asked for up front (`ar baseline --repeat`), through `backend`."""
+    asked for up front (`ar baseline --repeat`), through `backend`; after `deadline` (a
+    time.monotonic() value) nothing new starts, and what runs finishes and is recorded."""
 
     current: Session
     backend: Backend
@@ -57,16 +62,14 @@ class Scheduler:
     n: int | None = 0
     measures: int = 0
     on_event: Events = quiet
+    deadline: float | None = None
     outcome: Outcome = field(default_factory=Outcome)
     queue: deque[Task] = field(default_factory=deque)  # work owed, before new experiments
     running: dict[int, Candidate] = field(default_factory=dict)
     waiting: list[Candidate] = field(default_factory=list)  # recorded, to judge later
     proposing: int | None = None  # the experiment whose proposal is being asked for
     suspects: dict[int, list[str]] = field(default_factory=dict)  # refs moved while it ran
-    # parent sha -> (id, sha, tick it ended) of the runs that beat it: combination material
-    winners: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
-    ticks: int = 0  # counts runs started and judged: tells which ran at the same time
-    started_tick: dict[int, int] = field(default_factory=dict)
+    winners: Winners = field(default_factory=Winners)  # combination material
 
     def __post_init__(self) -> None:
         self.guard = RefGuard(self.current.ws.root)
@@ -87,7 +90,7 @@ class Scheduler:
             while True:
                 self._fill_slots()
                 if not self.backend.busy():
-                    if not self.waiting:
+                    if not self.waiting or self._time_up():  # waiting ones: the next ar judges them
                         return self.outcome
                     self._judge_waiting(force=True)  # a measurement failed: judge as we can
                     continue
@@ -187,12 +190,21 @@ class Scheduler:
             return None
         self.outcome.started += 1
         evidence = self.current.evidence()
-        return Task(choose_parent(self.agent, parents(evidence, self.current.ws.tip())))
+        best = evidence.best()
+        noise = evidence.noise(best.slot_class if best else None).sigma
+        offered = parents(evidence, self.current.ws.tip())
+        return Task(choose_parent(self.agent, offered, noise, self.current.settings.agent.explore))
+
+    def _time_up(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.outcome.time_up = True
+        return self.outcome.time_up
 
     def _fill_slots(self) -> None:
         """Give every free slot its next run: a measurement owed there, else work owed on
-        its hardware, else a new experiment; stop when no free slot gets anything."""
-        started = True
+        its hardware, else a new experiment; stop when no free slot gets anything, or
+        once the deadline passed."""
+        started = not self._time_up()
         while started:
             started = False
             for slot in self.backend.free_slots():
@@ -253,8 +265,7 @@ class Scheduler:
         spec = experiment_spec(self.current, candidate.run_dir, candidate.worktree, seed,
                                device=slot.device)
         self.current.ledger.update(candidate.exp_id, seed=seed, seed_index=index)
-        self.ticks += 1
-        self.started_tick[candidate.exp_id] = self.ticks
+        self.winners.started(candidate.exp_id)
         self.running[candidate.exp_id] = candidate
         task_id = self.backend.start(candidate.exp_id, slot, spec)
         if task_id:  # a cluster's id for it: a restarted ar picks the run up by it
@@ -324,7 +335,8 @@ class Scheduler:
             return
         judged = task.confirms if task.confirms is not None else candidate.exp_id
         if action.kind in (keeprule.KEEP, keeprule.DISCARD, keeprule.CONFIRM):
-            pipeline.settle(self.current, self.guard, judged, action.judgement)
+            pipeline.settle(self.current, self.guard, judged, action.judgement,
+                            against=best.sha if best is not None else None)
         self.on_event("done", exp_id=candidate.exp_id, result=result, action=action.kind,
                       judgement=action.judgement, settled=judged, measure=task.measure,
                       reason=action.reason)
@@ -387,25 +399,16 @@ class Scheduler:
         """Two experiments of one parent that both beat it ran at the same time: try both
         changes together, on the tip (which one of them is now)."""
         task, evidence = candidate.task, self.current.evidence()
-        self.ticks += 1
+        self.winners.judged()
         parent = evidence.commit(task.parent.sha, candidate.slot_class)
         mine = evidence.commit(candidate.sha, candidate.slot_class)
-        if task.combines is not None or not mine.runs or not parent.runs:
+        if (task.combines is not None or not mine.runs or not parent.runs
+                or not beat(mine, parent, self._rule(evidence))):
             return
-        # material for a combination: its runs beat the parent's on the same seeds
-        lax = dataclasses.replace(self._rule(evidence), name="one-run")
-        beat = keeprule.judge(pairs(mine, parent), lax).verdict == keeprule.KEEP
-        if not beat:
-            return
-        winners = self.winners.setdefault(task.parent.sha, [])
         tip = self._tip(evidence)
-        started = self.started_tick.get(candidate.exp_id, 0)
-        for earlier_id, earlier_sha, ended in winners:
-            if ended > started and tip.sha in (earlier_sha, candidate.sha):  # concurrent
-                pair = (min(earlier_id, candidate.exp_id), max(earlier_id, candidate.exp_id))
-                self.queue.append(Task(tip, combines=pair))
-                break
-        winners.append((candidate.exp_id, candidate.sha, self.ticks))
+        pair = self.winners.add(candidate.exp_id, candidate.sha, task.parent.sha, tip.sha)
+        if pair is not None:
+            self.queue.append(Task(tip, combines=pair))
 
     def _judge_waiting(self, force: bool = False) -> None:
         for candidate in list(self.waiting):
