@@ -303,22 +303,24 @@ def test_repair_prompt_carries_the_failure_tail():
 
 def test_short_history_is_shown_whole():
     text = history_section(history(5))
-    assert text.count("\n") == 8 and "elided" not in text  # 3 header lines, 5 rows, the summary
-    assert "1 | baseline | 1.500000 (5) | - | baseline" in text
-    assert "2 | discard | 1.600000 (1) | +0.010000 | experiment number 2" in text
+    # 3 header lines, 5 rows, a blank line, the summary
+    assert text.count("\n") == 9 and "elided" not in text
+    assert "1 | baseline | 1.500000 (5) | - | - | baseline" in text
+    assert "2 | discard | 1.600000 (1) | +0.010000 | - | experiment number 2" in text
     assert "discarded: no better" in text
     assert "differ by about 0.0123 val_bpb" in text and "smaller than about 0.0246" in text
 
 
-def test_long_history_keeps_baseline_best_and_recent():
+def test_long_history_is_grouped_with_the_latest_rows():
     items = history(300)
     text = history_section(items, max_chars=3000)
     assert len(text) < 3300
-    rows = {line.split(" | ")[0] for line in text.splitlines() if " | " in line}
-    assert {"1", "2", "3"} <= rows  # the baseline and the first experiments
-    assert {"300", "290", "280", "270", "260"} <= rows  # the best
-    assert "299" in rows  # the most recent
-    assert "150" not in rows
-    assert "experiments elided ..." in text
+    rows = {line.split(" | ")[0] for line in text.splitlines() if " | " in line and
+            line[0].isdigit()}
+    assert rows == {"295", "296", "297", "298", "299", "300"}  # the latest, one by one
+    groups = text.split("\n\n")[0]
+    assert groups.startswith("Ideas tried so far, grouped by what each change touched")
+    assert "300 tries, 30 kept: #10 experiment number 10" in groups  # the keeps first
+    assert "#150 " not in text
     assert ("300 experiments in all; the best (the commit every change is judged against) is "
             "300: 1.200000 over 1 run.") in text

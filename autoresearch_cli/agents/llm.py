@@ -38,8 +38,17 @@ from autoresearch_cli.agents.edits import (
     parse_reply,
 )
 from autoresearch_cli.agents.failures import classify, error_text, retry_after_s
-from autoresearch_cli.agents.prompt import build_messages, mark_cacheable, message_text
-from autoresearch_cli.agents.streaming import StreamedReply, stream_reply
+from autoresearch_cli.agents.novelty import find_repeat, repeat_message
+from autoresearch_cli.agents.prompt import (
+    NOT_FINISHED,
+    build_messages,
+    mark_cacheable,
+    message_text,
+    repeat_followup,
+    retry_message,
+    sounds_finished,
+)
+from autoresearch_cli.agents.streaming import StreamedReply, cached_tokens, stream_reply
 from autoresearch_cli.errors import AgentError
 
 MAX_ATTEMPTS = 5  # HTTP tries per message, for transient failures
@@ -133,7 +142,12 @@ class LLMAgent:
 
     def propose(self, train_py: str, program_md: str, history: History,
                 failure: str | None = None, record_call: RecordCall | None = None) -> Proposal:
-        """`record_call`, when given, hears this proposal's calls instead of the agent's."""
+        """`record_call`, when given, hears this proposal's calls instead of the agent's.
+
+        A reply that cannot be used goes back to the model with the reason, at most
+        `edit_retries` times: edits that do not apply, a change that repeats an earlier
+        experiment (agents/novelty.py: turned back before any training, with that one's
+        result), a reply that says the research is finished (it never is)."""
         litellm = load_litellm()
         recorder = record_call or self.record_call
         messages = build_messages(program_md, train_py, history, failure)
@@ -146,15 +160,24 @@ class LLMAgent:
         for _ in range(self.edit_retries + 1):
             reply, ended_by = self._complete(litellm, messages, deadline, recorder)
             try:
-                return proposal_from_reply(train_py, reply)
+                proposal = proposal_from_reply(train_py, reply)
             except EditError as exc:
                 problem, summary = str(exc), exc.summary
+                if sounds_finished(reply) and not parse_reply(reply).has_edits:
+                    problem, summary = NOT_FINISHED, "the reply said the research was finished"
+                follow_up = retry_message(problem + CUT_OFF.get(ended_by, ""))
+            else:
+                repeat = find_repeat(train_py, proposal.train_py, history)
+                if repeat is None:
+                    return proposal
+                summary = repeat_message(repeat)
+                follow_up = repeat_followup(summary)
             if ended_by == "proposal_timeout":
                 raise ProposalError(f"{self._out_of_time()} (the last reply: {summary})",
                                     raw_reply=reply)
             messages = messages + [
                 {"role": "assistant", "content": reply},
-                {"role": "user", "content": retry_message(problem + CUT_OFF.get(ended_by, ""))},
+                {"role": "user", "content": follow_up},
             ]
         replies = self.edit_retries + 1
         raise ProposalError(f"{summary} (after {replies} replies)", raw_reply=reply)
@@ -376,20 +399,3 @@ def proposal_from_reply(train_py: str, reply: str) -> Proposal:
                         f"{exc.msg}") from None
     description = parsed.description or describe_change(train_py, new_train_py)
     return Proposal(description, new_train_py, edit_format, reply)
-
-
-def cached_tokens(usage: Any) -> int | None:
-    """Prompt tokens the provider read from its cache: OpenAI's prompt_tokens_details,
-    or Anthropic's cache_read_input_tokens."""
-    details = getattr(usage, "prompt_tokens_details", None)
-    for value in (getattr(details, "cached_tokens", None),
-                  getattr(usage, "cache_read_input_tokens", None)):
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def retry_message(problem: str) -> str:
-    return (f"Your reply could not be used: {problem}\n\n"
-            "None of its edits were applied. Reply again with the Description line and all "
-            "of your edits, made against train.py as shown above.")

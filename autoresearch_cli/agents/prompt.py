@@ -1,9 +1,12 @@
-"""The messages an llm agent sends: program.md, the reply format, train.py, the history."""
+"""The messages an llm agent sends: program.md, the reply format, train.py, the history,
+and the follow-ups when a reply cannot be used (agents/llm.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from autoresearch_cli.agents import memory
 from autoresearch_cli.agents.base import History, HistoryItem
 
 REPLY_FORMAT = """\
@@ -42,6 +45,17 @@ FAILURE_TAIL_CHARS = 4000
 DESCRIPTION_CHARS = 120
 KEEP_FIRST = 3
 KEEP_BEST = 5
+GROUP_AFTER = 12  # experiments: beyond this the prompt groups them, and lists the latest
+RECENT = 6  # rows listed one by one under the groups
+# A reply that says the research is over, instead of proposing the next experiment.
+FINISHED = re.compile(r"\b(?:i am|i'm|we are|we're|research is|work is|all)\s+(?:done|finished|"
+                      r"complete)\b|\bno (?:further|more) (?:experiments?|changes?|ideas?)\b|"
+                      r"\bnothing (?:more|else) to (?:try|do|change)\b|\b(?:stop|end) (?:here|now)\b",
+                      re.IGNORECASE)
+NOT_FINISHED = ("The research does not end until the human stops it: there is no finished "
+                "state to reach, and every reply must be the next experiment. Propose one now: "
+                "a Description line and your edits to train.py as shown above. If small "
+                "tweaks stopped paying, try a larger change.")
 
 
 def build_messages(program_md: str, train_py: str, history: History,
@@ -51,7 +65,8 @@ def build_messages(program_md: str, train_py: str, history: History,
     The order matters for prompt caching: the system message is the same for every
     proposal (until the human edits program.md), so it comes first and whole."""
     system = program_md.rstrip() + "\n\n" + REPLY_FORMAT
-    parts = [f"The current train.py:\n\n```python\n{train_py.rstrip()}\n```"]
+    parts = [line for line in (memory.parent_line(history),) if line]
+    parts.append(f"The current train.py:\n\n```python\n{train_py.rstrip()}\n```")
     parts.append(history_section(history, max_history_chars))
     if failure:
         parts.append(failure_section(failure))
@@ -81,6 +96,23 @@ def message_text(message: dict[str, Any]) -> str:
     return "".join(block.get("text", "") for block in content if isinstance(block, dict))
 
 
+def sounds_finished(reply: str) -> bool:
+    """Whether a reply says the research is over instead of proposing an experiment."""
+    return bool(FINISHED.search(reply or ""))
+
+
+def retry_message(problem: str) -> str:
+    return (f"Your reply could not be used: {problem}\n\n"
+            "None of its edits were applied. Reply again with the Description line and all "
+            "of your edits, made against train.py as shown above.")
+
+
+def repeat_followup(problem: str) -> str:
+    return (f"Your proposal was turned back before any training: {problem}.\n\n"
+            "None of its edits were applied. Propose a different experiment, one that was not "
+            "tried: a Description line and your edits, made against train.py as shown above.")
+
+
 def failure_section(failure: str) -> str:
     tail = failure.strip()
     if len(tail) > FAILURE_TAIL_CHARS:
@@ -89,22 +121,38 @@ def failure_section(failure: str) -> str:
 
 
 def history_section(history: History, max_chars: int = 6000) -> str:
-    """A table of past experiments, one line per commit, cut to about `max_chars`.
+    """The experiments so far, cut to about `max_chars`, then the failures, a plateau
+    line when nothing was kept for a while, and the best.
 
     Each commit's val_bpb is the mean of its runs, the number the keep test reads; the
     header says how far runs of one commit spread, so that a model can tell a real step
-    from a lucky run. A long history keeps the first few rows (the baseline), the best
-    results and as many of the most recent rows as fit; a marker says how many were cut.
+    from a lucky run. Up to GROUP_AFTER experiments they are listed one per line; beyond,
+    grouped by what each change touched (agents/memory.py) with the latest RECENT rows.
     """
     if not history.items:
         return "No experiments have run yet."
-    rows = [_row(item) for item in history.items]
-    header = "\n".join(["Experiments so far, one line per commit (val_bpb: the mean over its "
-                        "runs; vs parent: that mean minus its parent's, negative is better).",
-                        _noise_line(history),
-                        "id | outcome | val_bpb (runs) | vs parent | description | why"])
     summary = _summary(history)
-    chosen = _choose_rows(history.items, rows, max_chars - len(header) - len(summary))
+    extra = [text for text in (memory.failures_section(history), memory.plateau_line(history))
+             if text]
+    budget = max_chars - len(summary) - sum(len(text) + 2 for text in extra)
+    if len(history.items) > GROUP_AFTER:
+        ideas = memory.ideas_section(history)
+        table = _table(history, history.items[-RECENT:], budget - len(ideas),
+                       f"The latest {RECENT} experiments, one line per commit")
+        body = [ideas, table] if ideas else [table]
+    else:
+        body = [_table(history, history.items, budget, "Experiments so far, one line per commit")]
+    return "\n\n".join([*body, *extra, summary])
+
+
+def _table(history: History, items: list[HistoryItem], budget: int, title: str) -> str:
+    rows = [_row(item) for item in items]
+    header = "\n".join([f"{title} (val_bpb: the mean over its runs; vs parent: that mean minus "
+                        "its parent's, negative is better; gain: how much lower its runs were "
+                        "than those of the best it was judged against, on the same seeds).",
+                        _noise_line(history),
+                        "id | outcome | val_bpb (runs) | vs parent | gain (pairs) | description | why"])
+    chosen = _choose_rows(items, rows, budget - len(header))
     lines = [header]
     previous = -1
     for index in chosen:
@@ -114,7 +162,6 @@ def history_section(history: History, max_chars: int = 6000) -> str:
         previous = index
     if previous < len(rows) - 1:
         lines.append(ELIDED_TEXT.format(count=len(rows) - 1 - previous))
-    lines.append(summary)
     return "\n".join(lines)
 
 
@@ -131,7 +178,8 @@ def _noise_line(history: History) -> str:
 def _row(item: HistoryItem) -> str:
     val_bpb = "-" if item.val_bpb is None else f"{item.val_bpb:.6f} ({item.runs})"
     delta = "-" if item.delta is None else f"{item.delta:+.6f}"
-    return (f"{item.experiment_id} | {item.status} | {val_bpb} | {delta} | "
+    gain = "-" if item.gain is None else f"{item.gain:+.4f} ({item.pairs or 'unpaired'})"
+    return (f"{item.experiment_id} | {item.status} | {val_bpb} | {delta} | {gain} | "
             f"{_clip(item.description)} | {_clip(item.reason or '')}")
 
 

@@ -210,3 +210,14 @@ def close_quietly(stream: Any) -> None:
         stream.close()
     except Exception:  # closing a broken stream may fail again; it is closed either way
         pass
+
+
+def cached_tokens(usage: Any) -> int | None:
+    """Prompt tokens the provider read from its cache: OpenAI's prompt_tokens_details,
+    or Anthropic's cache_read_input_tokens."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    for value in (getattr(details, "cached_tokens", None),
+                  getattr(usage, "cache_read_input_tokens", None)):
+        if isinstance(value, int):
+            return value
+    return None
