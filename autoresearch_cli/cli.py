@@ -231,10 +231,11 @@ def baseline(
 @app.command()
 def iterate(
     n: Annotated[int | None, typer.Option("--n", help="Number of experiments (default: until interrupted).", min=1)] = None,
-    agent: Annotated[str | None, typer.Option(help="The agent (llm, random; default: ar.toml's [agent] name).")] = None,
+    hours: Annotated[float | None, typer.Option(help="Start nothing new after this many hours; what runs then finishes.", min=0)] = None,
+    agent: Annotated[str | None, typer.Option(help="The agent (llm, random, tpe; default: ar.toml's [agent] name).")] = None,
     model: Annotated[str | None, typer.Option(help="litellm model string, e.g. anthropic/claude-sonnet-4-5.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop before an LLM call that would exceed this many USD.", min=0)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for the random agent.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the random and tpe agents: the same history gives the same proposals.")] = None,
     workers: WorkersOption = None,
     backend: BackendOption = "local",
     address: AddressOption = None,
@@ -258,9 +259,12 @@ def iterate(
                 _check_confinement(current, model_backed=chosen.model_backed,
                                    allowed=unsafe_unconfined)
                 outcome = loop.iterate(current, chosen, name, n, display, workers=workers,
-                                       backend=backend, address=address)
+                                       backend=backend, address=address, hours=hours)
                 status = display.status_line()
     typer.echo(status)
+    if outcome.time_up:
+        typer.echo(f"stopped at the time limit (--hours {hours:g}): runs in flight finished; "
+                   "candidates still waiting for runs are judged by the next `ar iterate`")
     if outcome.stopped_because:
         _err(f"stopped: {outcome.stopped_because}")
         raise typer.Exit(1)
@@ -269,6 +273,7 @@ def iterate(
 @app.command()
 def log(
     best: Annotated[bool, typer.Option("--best", help="Only the kept chain from baseline to the best.")] = False,
+    tree: Annotated[bool, typer.Option("--tree", help="Every experiment under the commit it built on.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show only the last N experiments.", min=1)] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the progress chart to this PNG file.")] = None,
@@ -291,6 +296,13 @@ def log(
             from autoresearch_cli.plot import plot_progress
 
             typer.echo(f"wrote {plot_progress(evidence, plot)}", err=True)
+        if tree:
+            from autoresearch_cli.tree import render_tree, tree_rows
+
+            rows = tree_rows(evidence)
+            typer.echo(json.dumps(rows, indent=2, default=str) if as_json
+                       else "\n".join(clean(line) for line in render_tree(rows)))
+            return
         if as_json:
             payload = report.best_chain(evidence) if best else report.json_rows(evidence, limit)
             typer.echo(json.dumps(payload, indent=2, default=str))
