@@ -1,7 +1,8 @@
 """Agents propose the next train.py.
 
 `llm` asks a language model (through litellm); `random` mutates the UPPER_CASE
-hyperparameters and needs no model. Each implements `Agent` (agents/base.py) and is one
+hyperparameters and needs no model; `tpe` searches them with Optuna's TPE sampler, told
+each result's paired evidence. Each implements `Agent` (agents/base.py) and is one
 entry of AGENTS: a new agent (a tree search, another model client) is one module beside
 these and one entry there. Whether an agent's train.py comes from a model is a property
 of the agent (`model_backed`), never of its name: such code runs only confined, or where
@@ -45,6 +46,12 @@ def _random(settings: Any, *, seed: int | None, **_: Any) -> Agent:
     return RandomAgent(seed=seed)
 
 
+def _tpe(settings: Any, *, seed: int | None, **_: Any) -> Agent:
+    from autoresearch_cli.agents.tpe_agent import TPEAgent
+
+    return TPEAgent(seed=seed)
+
+
 def _llm(settings: Any, *, model: str, max_cost_usd: float | None,
          record_call: RecordCall | None, on_stream: OnStream | None, **_: Any) -> Agent:
     if not model:
@@ -60,6 +67,7 @@ def _llm(settings: Any, *, model: str, max_cost_usd: float | None,
 
 AGENTS: dict[str, AgentEntry] = {
     "random": AgentEntry(_random, model_backed=False),
+    "tpe": AgentEntry(_tpe, model_backed=False),
     "llm": AgentEntry(_llm, model_backed=True),
 }
 
