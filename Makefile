@@ -11,7 +11,7 @@ PIP_VERSION ?= $(shell sed -n "s/^pip==//p" $(LOCK))
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_workspace
 
-.PHONY: install test lint demo bench bench-keep bench-gpu lock check-lock clean
+.PHONY: install test lint demo bench bench-keep bench-agents bench-gpu lock check-lock clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ bench: install
 # Whether keeps hold up (long: about an hour per 10 experiments at the cpu budget).
 bench-keep: install
 	$(PY) benchmarks/bench_keep.py $(BENCH_KEEP_FLAGS)
+
+# Which offline agent finds real gains: random against tpe, 30 experiments each on the cpu
+# profile, each best re-run on new seeds paired with the baseline (long: hours on 2 cores).
+# A smoke run: BENCH_AGENTS_FLAGS="--profile micro --experiments 4 --reruns 2".
+bench-agents: install
+	$(PY) benchmarks/bench_agents.py $(BENCH_AGENTS_FLAGS)
 
 # On a machine with an NVIDIA GPU: the gpu profile through ar, one table (docs/gpu-notes.md).
 bench-gpu: install
