@@ -156,6 +156,9 @@ def _check_confinement(current, model_backed: bool, allowed: bool) -> None:
 
     level = support()
     if level.confines_files:
+        if not level.pid_namespace or level.cgroup is None:  # confined, with less to hold it
+            current.ledger.add_event("confinement", None, level.note)
+            typer.secho(f"note: {level.note}", fg=typer.colors.YELLOW, err=True)
         return
     current.ledger.add_event("unconfined", None, level.note)
     typer.secho(f"warning: no confinement on this machine ({level.note}): train.py runs with "

@@ -184,6 +184,7 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
+        self.writes = 0  # transactions this connection committed: a cache key for readers
         self._lock = threading.RLock()
         try:
             if read_only:
@@ -257,6 +258,7 @@ class Ledger:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                self.writes += 1
             except sqlite3.OperationalError as exc:
                 if not getattr(exc, "sqlite_errorname", "").startswith(ENVIRONMENT_ERRORS):
                     raise
