@@ -10,11 +10,11 @@ import statistics
 
 import pytest
 
-from autoresearch_cli import report
 from autoresearch_cli.agents.prompt import history_section
 from autoresearch_cli.display import Display
 from autoresearch_cli.doors.ledger import Ledger
-from autoresearch_cli.plot import plot_data
+from autoresearch_cli.report import log as report
+from autoresearch_cli.report.plot import plot_data
 from autoresearch_cli.research.evidence import Evidence, outcome
 from autoresearch_cli.research.export import tsv_lines
 from autoresearch_cli.research.history import history, parents

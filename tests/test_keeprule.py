@@ -13,7 +13,6 @@ from autoresearch_cli.research.keeprule import (
     DISCARD,
     KEEP,
     Disturbance,
-    Noise,
     Rule,
     disturbed,
     judge,

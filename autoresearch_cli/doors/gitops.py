@@ -127,6 +127,11 @@ def merge_file(base: str, ours: str, theirs: str) -> tuple[str, int]:
     return merged, status
 
 
+def diff(repo: Path, old_sha: str, new_sha: str, relpath: str = "train.py") -> str:
+    """The unified diff of `relpath` from `old_sha` to `new_sha` (empty when the same)."""
+    return git(repo, "diff", "--no-color", "--no-ext-diff", old_sha, new_sha, "--", relpath)
+
+
 def changed_files(repo: Path, old_sha: str, new_sha: str) -> list[str]:
     out = git(repo, "diff", "--name-only", old_sha, new_sha)
     return [line for line in out.splitlines() if line]
