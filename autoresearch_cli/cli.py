@@ -340,7 +340,8 @@ def _serve(ws, port: int) -> None:
         live.ledger.close()
 
 
-RunsOption = Annotated[int, typer.Option(help="Paired runs per commit, on seed indices 0..N-1.", min=2)]
+RunsOption = Annotated[int, typer.Option(
+    help="Paired runs per commit, on seed indices 0..N-1 (two or more give an interval).", min=1)]
 
 
 @app.command()

@@ -115,7 +115,8 @@ def build(evidence: Evidence, cost: CostTotal, repo: Path | None = None, title: 
     by_step = {ablation.step.id: ablation for ablation in found}
     chain = log.best_chain(evidence)
     shas = [commit.sha for commit in evidence.chain()]
-    steps = [Step(row, _diff(repo, shas[index - 1], shas[index]), by_step.get(row["id"]))
+    diffs = _step_diffs(repo, shas)
+    steps = [Step(row, diffs[index - 1], by_step.get(row["id"]))
              for index, row in enumerate(chain) if index]
     gained = evidence.gain()
     costs = Costs(cost, _hours(evidence, "total_seconds"), _hours(evidence, "training_seconds"),
@@ -141,6 +142,17 @@ def build(evidence: Evidence, cost: CostTotal, repo: Path | None = None, title: 
 
 def _diff(repo: Path | None, old: str, new: str) -> str:
     return gitops.diff(repo, old, new) if repo is not None and old != new else ""
+
+
+def _step_diffs(repo: Path | None, shas: list[str]) -> list[str]:
+    """The diff of each step of the chain `shas` from the step before: one git call for
+    all (each commit against its git parent, which ar made it on), a call of its own for
+    a step whose git parent is not the step before."""
+    if repo is None:
+        return [""] * max(len(shas) - 1, 0)
+    own = gitops.own_diffs(repo, shas[1:])
+    return [own[new][1] if own.get(new, ("",))[0] == old else _diff(repo, old, new)
+            for old, new in zip(shas, shas[1:], strict=False)]
 
 
 def _hours(evidence: Evidence, column: str) -> float:

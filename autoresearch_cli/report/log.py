@@ -106,7 +106,9 @@ def _test_outcome(evidence: Row | None) -> str:
         return "-"
     if evidence.get("p") is None:
         return (evidence.get("reason") or "-").split(":")[0] if evidence.get("rule") != "one-run" else "one run"
-    return f"p={evidence['p']:.2g} < {evidence['look_level']:.2g} ({len(evidence['runs'])} pairs)"
+    level = evidence.get("look_level")  # rows written before the sequential test lack it
+    pairs = len(evidence.get("runs") or ())
+    return f"p={evidence['p']:.2g}" + (f" < {level:.2g}" if level is not None else "") + f" ({pairs} pairs)"
 
 
 def noise_lines(evidence: Evidence) -> list[str]:
