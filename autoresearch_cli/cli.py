@@ -344,6 +344,26 @@ RunsOption = Annotated[int, typer.Option(
     help="Paired runs per commit, on seed indices 0..N-1 (two or more give an interval).", min=1)]
 
 
+def _study(command: str, plan_for, backend: str, workers: int | None, address: str | None,
+           allowed: bool):
+    """Plan a study in a session (`plan_for(session)` -> studies.Plan), run it, and return
+    the evidence after it."""
+    from autoresearch_cli.research import loop
+
+    _check_backend(backend, address)
+    with _run("interrupted: the running jobs were killed and their runs marked interrupted"):
+        with _session(command) as current:
+            _report_recovered(current)
+            _check_confinement(current, model_backed=False, allowed=allowed)
+            plan = plan_for(current)
+            for step, why in plan.skipped:
+                typer.secho(f"#{step.id} not ablated: {why}", fg=typer.colors.YELLOW, err=True)
+            with _display(current) as display:
+                loop.study(current, plan, display, backend=backend, workers=workers,
+                           address=address)
+            return current.evidence()
+
+
 @app.command()
 def ablate(
     runs: RunsOption = 3,
@@ -357,21 +377,11 @@ def ablate(
     from rich.console import Console
 
     from autoresearch_cli.report.log import render_ablations
-    from autoresearch_cli.research import findings, loop, studies
+    from autoresearch_cli.research import findings, studies
 
-    _check_backend(backend, address)
-    with _run("interrupted: the running jobs were killed and their runs marked interrupted"):
-        with _session("ar ablate") as current:
-            _report_recovered(current)
-            _check_confinement(current, model_backed=False, allowed=unsafe_unconfined)
-            plan = studies.plan_ablation(current, runs)
-            for step, why in plan.skipped:
-                typer.secho(f"#{step.id} not ablated: {why}", fg=typer.colors.YELLOW, err=True)
-            with _display(current) as display:
-                loop.study(current, plan, display, backend=backend, workers=workers,
-                           address=address)
-            found = findings.ablations(current.evidence())
-    Console().print(render_ablations(found))
+    evidence = _study("ar ablate", lambda current: studies.plan_ablation(current, runs),
+                      backend, workers, address, unsafe_unconfined)
+    Console().print(render_ablations(findings.ablations(evidence)))
 
 
 @app.command()
@@ -388,19 +398,17 @@ def transfer(
     from rich.console import Console
 
     from autoresearch_cli.report.log import render_transfers
-    from autoresearch_cli.research import findings, loop, studies
+    from autoresearch_cli.research import findings, studies
 
-    _check_backend(backend, address)
-    with _run("interrupted: the running jobs were killed and their runs marked interrupted"):
-        with _session("ar transfer") as current:
-            _report_recovered(current)
-            _check_confinement(current, model_backed=False, allowed=unsafe_unconfined)
-            plan, slot_class = studies.plan_transfer(current, budget_factor, runs)
-            with _display(current) as display:
-                loop.study(current, plan, display, backend=backend, workers=workers,
-                           address=address)
-            found = [t for t in findings.transfers(current.evidence()) if t.slot_class == slot_class]
-    Console().print(render_transfers(found))
+    planned: dict[str, str] = {}
+
+    def plan_for(current):
+        plan, planned["class"] = studies.plan_transfer(current, budget_factor, runs)
+        return plan
+
+    evidence = _study("ar transfer", plan_for, backend, workers, address, unsafe_unconfined)
+    Console().print(render_transfers([found for found in findings.transfers(evidence)
+                                      if found.slot_class == planned["class"]]))
 
 
 @app.command()

@@ -89,6 +89,16 @@ def test_ablation_pairs_each_variant_with_the_best_and_never_keeps(chain):
     for ablation in found.values():  # the variants stay reachable
         assert gitops.try_rev_parse(current.ws.root, f"{studies.ABLATION_REFS}{ablation.variant.sha}")
     assert studies.plan_ablation(current, runs=2).tasks == []  # nothing left to run
+    shown = _rendered(current)
+    assert shown.count('class="ablation"') == 2 and 'data-field="share" data-value="75.0' in shown
+
+
+def _rendered(current) -> str:
+    """The report's page and Markdown, as `ar report` writes them."""
+    from autoresearch_cli.report import facts, markdown, page
+
+    built = facts.build(current.evidence(), current.ledger.total_cost(), current.ws.root)
+    return page.page(built) + markdown.markdown(built)
 
 
 def test_a_step_that_does_not_revert_cleanly_is_reported(micro_ws):
@@ -130,6 +140,9 @@ def test_transfer_runs_both_at_k_times_the_budget_on_a_class_of_their_own(chain)
     assert found.gain.value == pytest.approx(0.1) and found.gain.paired == 2
     assert found.reference.value == pytest.approx(evidence.gain().value)  # the headline gain
     assert found.ratio == pytest.approx(0.1 / evidence.gain().value)
+    shown = _rendered(current)
+    assert "cpu:1@6s" in shown and f"**{found.verdict}**" in shown
+    assert shown.count('class="run"') == len([r for r in evidence.runs if r.scored]) - 4
 
 
 def test_study_errors_are_clear(micro_ws):
