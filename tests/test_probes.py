@@ -236,7 +236,7 @@ def template_model(ws):
     import importlib.util
     import sys
 
-    profile = ws.config()["profile"]
+    profile = vars(ws.settings().profile)
     sys.path.insert(0, str(ws.root))
     try:
         spec = importlib.util.spec_from_file_location("template_train", ws.root / "train.py")

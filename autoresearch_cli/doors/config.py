@@ -61,7 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "holdout_percent": 5,  # share in the holdout split, never used for decisions
     },
     "sandbox": {
-        "max_rss_mb": 8192,  # whole process tree, polled
+        "max_rss_mb": 8192,  # the job's control group's charge where there is one, else polled RSS/PSS
         "max_vram_mb": 0,  # 0: no cap beyond the device
         "max_file_mb": 2048,  # largest file a job may write
         "max_open_files": 4096,

@@ -39,10 +39,16 @@ class Session:
     settings: Settings
     ledger: Ledger
     recovered: list[Run] = field(default_factory=list)
+    _evidence: tuple[tuple[int, int], Evidence] | None = field(default=None, repr=False)
 
     def evidence(self) -> Evidence:
-        """What the ledger says now, read as evidence (research/evidence.py)."""
-        return Evidence.load(self.ledger)
+        """What the ledger says now, read as evidence (research/evidence.py). Read again
+        only after a write: this process is the ledger's only writer while it holds the
+        experiment lock (a job that writes it anyway is caught by data_version)."""
+        key = (self.ledger.writes, self.ledger.data_version())
+        if self._evidence is None or self._evidence[0] != key:
+            self._evidence = (key, Evidence.load(self.ledger))
+        return self._evidence[1]
 
     def export(self) -> None:
         """results.tsv, the original's five columns, from the evidence as it stands."""
@@ -100,15 +106,16 @@ def protected_changes(ws: Workspace, worktree: Path, sha: str) -> list[str]:
 
 
 def experiment_spec(current: Session, run_dir: Path, worktree: Path, seed: int,
-                    device: str | None = None):
+                    device: str | None = None, time_budget: float | None = None):
     """What the sandbox runs for one commit, from ar.toml's profile and sandbox tables;
-    `seed` is the run's (ar's alone), `device` the slot's (default: the profile's)."""
+    `seed` is the run's (ar's alone), `device` the slot's (default: the profile's),
+    `time_budget` the training seconds (default: the profile's; `ar transfer` scales it)."""
     from sandbox.spec import ExperimentSpec, JobLimits
 
     profile, box = current.settings.profile, current.settings.sandbox
     return ExperimentSpec(
         code_dir=str(worktree.resolve()), run_dir=str(run_dir.resolve()),
-        data_dir=str(current.ws.data_dir.resolve()), time_budget=float(profile.time_budget),
+        data_dir=str(current.ws.data_dir.resolve()), time_budget=float(time_budget or profile.time_budget),
         startup_allowance=float(profile.startup_allowance), eval_tokens=int(profile.eval_tokens),
         seq_len=int(profile.max_seq_len), eval_timeout=float(profile.eval_timeout),
         device=device or profile.device, seed=int(seed),
