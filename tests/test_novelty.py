@@ -98,3 +98,10 @@ def test_folding_hostile_arithmetic_stays_cheap_and_is_never_evaluated():
     assert "A = 1 << 1000000000000" in lines and "C = 9 ** 387420489" in lines
     assert "B = (18446744073709551616 ** 64) ** 64" in lines
     assert "D = __import__('os').getpid() * 2" in lines and "E = 1024" in lines
+
+
+def test_a_train_py_nested_too_deeply_is_never_a_repeat_and_never_an_error():
+    deep = BASE + "X = " + "-" * 5000 + "1\n"
+    assert normal_form(deep) is None and change_of(BASE, deep) is None
+    assert touched(BASE, deep) == ()
+    assert find_repeat(BASE, deep, History()) is None

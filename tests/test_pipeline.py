@@ -19,6 +19,7 @@ GOOD = "def build_model(config):\n    pass\n\nprepare.save_for_eval(None, None)\
         (GOOD, "does not change"),
         ("def build_model(:\n", "does not parse: line 1"),
         ("x = 1\n", "must define build_model"),
+        (GOOD + "x = " + "-" * 5000 + "1\n", "nested too deeply"),
     ],
 )
 def test_validation(train_py, reason):

@@ -48,10 +48,9 @@ def normal_form(train_py: str) -> tuple[str, ...] | None:
     """train.py's lines as `ast.unparse` writes them, constant arithmetic folded; None when
     it does not parse (such a text is never a repeat of anything)."""
     try:
-        tree = ast.parse(train_py)
-    except (SyntaxError, ValueError):
+        return tuple(ast.unparse(_Fold().visit(ast.parse(train_py))).splitlines())
+    except (SyntaxError, ValueError, RecursionError):  # nested too deeply: not compared
         return None
-    return tuple(ast.unparse(_Fold().visit(tree)).splitlines())
 
 
 class _Fold(ast.NodeTransformer):
@@ -194,14 +193,14 @@ def _top_level(train_py: str) -> dict[str, str] | None:
     """Each top-level definition's normal form by name; what has no name under ''."""
     try:
         tree = ast.parse(train_py)
-    except (SyntaxError, ValueError):
+        named: dict[str, list[str]] = {}
+        for node in tree.body:
+            node = _Fold().visit(node)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                continue  # the module docstring
+            named.setdefault(_name_of(node), []).append(ast.unparse(node))
+    except (SyntaxError, ValueError, RecursionError):
         return None
-    named: dict[str, list[str]] = {}
-    for node in tree.body:
-        node = _Fold().visit(node)
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # the module docstring
-        named.setdefault(_name_of(node), []).append(ast.unparse(node))
     return {name: "\n".join(parts) for name, parts in named.items()}
 
 

@@ -100,6 +100,8 @@ def find_constants(train_py: str) -> dict[str, Constant]:
         tree = ast.parse(train_py)
     except SyntaxError as exc:
         raise AgentError(f"train.py does not parse (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise AgentError("train.py does not parse (an expression is nested too deeply)") from None
     lines = train_py.splitlines(keepends=True)
     assigned = Counter(assigned_name(node) for node in tree.body)
     constants: dict[str, Constant] = {}

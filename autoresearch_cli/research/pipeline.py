@@ -63,6 +63,8 @@ def validate(train_py: str, parent_train_py: str) -> str | None:
         return f"train.py does not parse: line {exc.lineno}: {exc.msg}"
     except ValueError as exc:  # a NUL byte
         return f"train.py does not parse: {exc}"
+    except RecursionError:
+        return "train.py does not parse: an expression is nested too deeply"
     if "build_model" not in train_py or "save_for_eval" not in train_py:
         return "train.py must define build_model and call prepare.save_for_eval"
     return pinned_seed(train_py) or non_research_change(train_py, parent_train_py)
