@@ -15,6 +15,7 @@ from test_scheduler import BASELINE_BPB, SLOTS, ScriptedWorkers, experiments, ok
 from autoresearch_cli.agents.base import Proposal
 from autoresearch_cli.doors import config
 from autoresearch_cli.doors.template import set_constants
+from autoresearch_cli.report.tree import render_tree, tree_rows
 from autoresearch_cli.research import session as runs
 from autoresearch_cli.research.scheduler import Scheduler
 
@@ -97,6 +98,13 @@ def test_the_rule_builds_on_the_baseline_once_the_best_was_tried_enough(open_ses
     parent = agent.told[-1][0]
     assert (parent.sha, parent.role, parent.tried) == (base, "baseline", 1)
     assert json.loads(e["evidence"])["against"] == a["sha"]  # judged against the best, not its parent
+    # ar log --tree: E under the baseline beside A, the others under A
+    lines = render_tree(tree_rows(current.evidence()))
+    assert lines[0] == "baseline  2.000000 (1 run)"
+    assert lines[1].startswith(f"├── #{a['id']} keep  1.990000") and lines[1].endswith("<- best")
+    assert [line[:8] for line in lines[2:5]] == ["│   ├── ", "│   ├── ", "│   └── "]
+    assert lines[5].startswith(f"└── #{e['id']} discard  2.500000")
+    assert "gain -0.5100" in lines[5]  # paired with the best it was judged against
 
 
 def test_explore_zero_always_builds_on_the_best(open_session):
