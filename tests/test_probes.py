@@ -236,7 +236,9 @@ def template_model(ws):
     import importlib.util
     import sys
 
-    profile = ws.config()["profile"]
+    from autoresearch_cli.doors.config import load_raw
+
+    profile = load_raw(ws.config_path)["profile"]
     sys.path.insert(0, str(ws.root))
     try:
         spec = importlib.util.spec_from_file_location("template_train", ws.root / "train.py")
