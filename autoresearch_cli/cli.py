@@ -123,6 +123,13 @@ def prepare(
     typer.echo(f"Prepared {m['source']} in {report.seconds:.1f} s -> {report.data_dir}")
     for split, info in m["splits"].items():
         typer.echo(f"  {split:8s} {info['documents']:>7,} docs {info['tokens']:>12,} tokens")
+    near = m.get("near_duplicates") or {}
+    if not near.get("checked", True):
+        typer.echo(f"  near-copies across splits {near.get('note')}")
+    elif near.get("dropped"):
+        dropped = ", ".join(f"{n} {split}" for split, n in near["dropped"].items())
+        typer.echo(f"  dropped near-copies of training documents: {dropped} (sharing at least "
+                   f"{near['containment']:.0%} of their {near['shingle_words']}-word shingles)")
 
 
 def _session(command: str):
@@ -149,6 +156,9 @@ def _check_confinement(current, model_backed: bool, allowed: bool) -> None:
 
     level = support()
     if level.confines_files:
+        if not level.pid_namespace or level.cgroup is None:  # confined, with less to hold it
+            current.ledger.add_event("confinement", None, level.note)
+            typer.secho(f"note: {level.note}", fg=typer.colors.YELLOW, err=True)
         return
     current.ledger.add_event("unconfined", None, level.note)
     typer.secho(f"warning: no confinement on this machine ({level.note}): train.py runs with "

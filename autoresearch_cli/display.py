@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from autoresearch_cli.doors.gitops import short
+from autoresearch_cli.doors.text import printable
 
 PLAIN_ANSWER_EVERY_S = 5.0  # between plain "model answering" lines
 
@@ -175,6 +176,7 @@ class Display:
     # --- rendering -------------------------------------------------------------------
 
     def _print(self, line: str) -> None:
+        line = printable(line)  # descriptions and reasons come from models and runs
         if self._live is not None:
             self._live.console.print(line, markup=False, highlight=False)
         else:

@@ -15,14 +15,15 @@ from rich.text import Text
 
 from autoresearch_cli.doors.ledger import CostTotal
 from autoresearch_cli.doors.records import FAILED, Run
-from autoresearch_cli.research.evidence import CommitEvidence, Evidence, outcome
+from autoresearch_cli.doors.text import one_line
+from autoresearch_cli.research.evidence import CommitEvidence, Evidence, gain
 
 Row = dict[str, Any]
 
 OUTCOME_STYLES = {"keep": "bold green", "baseline": "bold blue", "discard": "dim",
                   "crash": "red", "timeout": "red", "oom": "red", "invalid": "magenta",
                   "interrupted": "yellow", "disturbed": "yellow", "pending": "cyan",
-                  "remeasure": "blue", "confirmation": "cyan"}
+                  "remeasure": "blue", "confirmation": "cyan", "rejudged": "yellow"}
 
 
 def short_sha(sha: str | None) -> str | None:
@@ -46,8 +47,8 @@ def table_rows(evidence: Evidence, limit: int | None = None) -> list[Row]:
             "commit_mean": commit.mean if commit else None, "commit_runs": commit.n if commit else 0,
             "parent_id": _parent_id(evidence, run),
             "delta_bpb": run.val_bpb - parent if run.scored and parent is not None else None,
-            "memory_gb": run.memory_gb, "outcome": outcome(run),
-            "description": run.description or "", "reason": run.reason,
+            "memory_gb": run.memory_gb, "outcome": evidence.word(run),
+            "description": one_line(run.description or "", 500), "reason": one_line(run.reason or "", 500) or None,
             "cost_usd": run.cost_usd, "repair_of": run.repair_of, "seed": run.seed,
         })
     return rows
@@ -67,37 +68,37 @@ def json_rows(evidence: Evidence, limit: int | None = None) -> list[Row]:
     return out
 
 
-def _step(commit: CommitEvidence, evidence: Evidence, previous: float | None,
-          start: float | None) -> Row:
+def _step(commit: CommitEvidence, evidence: Evidence, previous: CommitEvidence | None,
+          start: CommitEvidence | None) -> Row:
     made = evidence.proposer(commit.sha)
     judgement = made.judgement if made is not None else None
-    mean = commit.mean
+    step = gain(previous, commit) if previous is not None else None
+    total = gain(start, commit) if start is not None and start is not commit else None
     return {
         "id": made.id if made else None, "kind": made.kind if made else None,
-        "commit": short_sha(commit.sha), "val_bpb": mean, "runs": commit.n,
+        "commit": short_sha(commit.sha), "val_bpb": commit.mean, "runs": commit.n,
         "half_width": commit.half_width, "spread": commit.std,
         "seeds": list(commit.seeds), "slot_class": commit.slot_class,
         "test": _test_outcome(judgement), "p": judgement.get("p") if judgement else None,
-        "description": (made.description or "") if made else "",
-        "improvement": None if previous is None or mean is None else previous - mean,
-        "cumulative_improvement": None if start is None or mean is None else start - mean,
-        "cumulative_percent": (100.0 * (start - mean) / start
-                               if start and mean is not None else None),
+        "description": one_line((made.description or "") if made else "", 500),
+        "improvement": step.value if step else None,
+        "improvement_half_width": step.half_width if step else None,
+        "paired": step.paired if step else 0,
+        "cumulative_improvement": total.value if total else (0.0 if start is commit else None),
+        "cumulative_half_width": total.half_width if total else None,
+        "cumulative_percent": total.percent if total else (0.0 if start is commit else None),
     }
 
 
 def best_chain(evidence: Evidence) -> list[Row]:
     """`ar log --best`: the kept steps from the baseline to the best, each with the
-    evidence behind it (its runs on the best's hardware, their mean and interval, the keep
-    test's outcome); improvements are between means."""
+    evidence behind it: its runs on the best's hardware, their mean and interval, the keep
+    test's outcome, and its gain over the step before, paired on the seeds both ran on,
+    with its interval."""
     chain = evidence.chain()
-    steps: list[Row] = []
-    start = chain[0].mean if chain else None
-    previous = None
-    for commit in chain:
-        steps.append(_step(commit, evidence, previous, start))
-        previous = commit.mean if commit.mean is not None else previous
-    return steps
+    start = chain[0] if chain else None
+    return [_step(commit, evidence, chain[index - 1] if index else None, start)
+            for index, commit in enumerate(chain)]
 
 
 def _test_outcome(evidence: Row | None) -> str:
@@ -105,7 +106,7 @@ def _test_outcome(evidence: Row | None) -> str:
         return "-"
     if evidence.get("p") is None:
         return (evidence.get("reason") or "-").split(":")[0] if evidence.get("rule") != "one-run" else "one run"
-    return f"p={evidence['p']:.2g} < {evidence['look_level']:.2g} ({len(evidence['runs'])} run(s))"
+    return f"p={evidence['p']:.2g} < {evidence['look_level']:.2g} ({len(evidence['runs'])} pairs)"
 
 
 def noise_lines(evidence: Evidence) -> list[str]:
@@ -134,6 +135,7 @@ def summary(evidence: Evidence, cost: CostTotal | None = None) -> Row:
         "failed": sum(counts.get(status, 0) for status in FAILED),
         "invalid": counts.get("invalid", 0), "interrupted": counts.get("interrupted", 0),
         "disturbed": counts.get("disturbed", 0), "pending": counts.get("pending", 0),
+        "rejudged": counts.get("rejudged", 0),
         "confirmations": counts.get("confirmation", 0), "remeasures": counts.get("remeasure", 0),
         "baseline_bpb": start.mean if start else None, "baseline_runs": start.n if start else 0,
         "baseline_half_width": start.half_width if start else None,
@@ -143,6 +145,7 @@ def summary(evidence: Evidence, cost: CostTotal | None = None) -> Row:
         "slot_class": best.slot_class if best else None,
         "improvement": gained.value if gained else None,
         "improvement_half_width": gained.half_width if gained else None,
+        "improvement_paired": gained.paired if gained else 0,
         "llm_calls": cost.calls if cost else 0, "cost_usd": cost.usd if cost else None,
         "unpriced_calls": cost.unpriced if cost else 0,
     }
@@ -194,8 +197,8 @@ def render_table(rows: list[Row]) -> Table:
 def render_best_chain(steps: list[Row]) -> Table:
     """A rich Table of `best_chain` output."""
     table = Table(show_edge=False, header_style="bold")
-    for name in ("#", "commit", "mean val_bpb", "± 95%", "runs", "test", "step", "cumulative",
-                 "%", "description"):
+    for name in ("#", "commit", "mean val_bpb", "± 95%", "runs", "test", "paired gain",
+                 "cumulative", "%", "description"):
         table.add_column(name, justify="left" if name in ("commit", "test", "description")
                          else "right")
     for step in steps:
@@ -203,10 +206,17 @@ def render_best_chain(steps: list[Row]) -> Table:
         table.add_row(
             str(step["id"] if step["id"] is not None else "-"), step["commit"] or "-",
             _number(step["val_bpb"]), _number(step["half_width"], 4), str(step["runs"]),
-            step["test"], _signed(step["improvement"], better_when_negative=False),
-            _signed(step["cumulative_improvement"], better_when_negative=False),
+            step["test"], _gain_text(step["improvement"], step["improvement_half_width"]),
+            _gain_text(step["cumulative_improvement"], step["cumulative_half_width"]),
             "-" if percent is None else f"{percent:.2f}%", step["description"])
     return table
+
+
+def _gain_text(value: float | None, half: float | None) -> Text:
+    text = _signed(value, better_when_negative=False)
+    if value is not None and half is not None:
+        text.append(f" ± {half:.4f}", style="dim")
+    return text
 
 
 def _mean_text(mean: float, runs: int, half: float | None) -> str:
@@ -220,7 +230,8 @@ def summary_text(facts: Row) -> str:
              f"{facts['discarded']} discarded, {facts['failed']} failed, "
              f"{facts['invalid']} invalid, {facts['interrupted']} interrupted"
              + (f", {facts['disturbed']} disturbed (set aside)" if facts.get("disturbed") else "")
-             + (f", {facts['pending']} awaiting confirmation" if facts.get("pending") else "")]
+             + (f", {facts['pending']} awaiting confirmation" if facts.get("pending") else "")
+             + (f", {facts['rejudged']} re-judged" if facts.get("rejudged") else "")]
     if facts["best_bpb"] is not None:
         best = (f"best {_mean_text(facts['best_bpb'], facts['best_runs'], facts['best_half_width'])}"
                 f" (#{facts['best_id']})")
@@ -230,8 +241,10 @@ def summary_text(facts: Row) -> str:
             best = f"baseline {start} → {best}"
             if facts["improvement"] is not None and facts["best_sha"] and facts["best_id"]:
                 half = facts["improvement_half_width"]
+                paired = facts.get("improvement_paired")
                 best += (f", gain {facts['improvement']:+.6f}"
-                         + (f" ± {half:.4f}" if half is not None else ""))
+                         + (f" ± {half:.4f}" if half is not None else "")
+                         + (f" over {paired} paired seeds" if paired else ""))
         parts.append(best)
     if facts["llm_calls"]:
         cost = f"LLM cost ${facts['cost_usd']:.4f}"

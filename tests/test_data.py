@@ -120,7 +120,8 @@ def test_manifest_matches_the_token_files(built):
     assert (
         json.loads((data_dir / "manifest.json").read_text()) == manifest == read_manifest(data_dir)
     )
-    assert manifest["format"] == 1 and manifest["dtype"] == "uint16"
+    assert manifest["format"] == 2 and manifest["dtype"] == "uint16"
+    assert manifest["near_duplicates"]["dropped"] == {"holdout": 0, "val": 0}
     assert manifest["vocab_size"] == VOCAB and manifest["bos_id"] == VOCAB - 1
     assert manifest["documents"] == 300
     for split in ("train", "val", "holdout"):
@@ -511,3 +512,36 @@ def test_climbmix_base_url_follows_hf_endpoint(monkeypatch):
     assert ClimbmixSource(1).base_url == (
         "http://mirror.local/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
     )
+
+
+def test_evaluation_documents_that_nearly_copy_a_training_document_are_dropped(tmp_path):
+    """A val document and a longer training document holding most of its text (a file
+    vendored twice, a version with a few lines changed): the val copy is dropped, and the
+    manifest says so; unrelated val documents stay."""
+    write_corpus(tmp_path / "corpus", range(300))
+    val = next(i for i in range(300) if split_of(document(i), 5, 5) == "val")
+    body = document(val).split("\n", 1)[1]
+    for extra in range(1000, 2000):  # a training document holding val's text, and more
+        copy = f"Vendored copy {extra}.\n{body}\n" + document(extra)
+        if split_of(copy, 5, 5) == "train":
+            break
+    (tmp_path / "corpus" / "copy.txt").write_text(copy)
+    report = prepare(tmp_path / "data", tmp_path / "corpus")
+    near = report.manifest["near_duplicates"]
+    assert near["checked"] and near["dropped"]["val"] == 1 and near["containment"] == 0.5
+    kept = split_documents(tmp_path / "data", "val")
+    assert not any(text.startswith(f"Document {val}.") for text in kept)
+    assert report.manifest["splits"]["val"]["documents"] == sum(
+        1 for i in range(300) if split_of(document(i), 5, 5) == "val") - 1
+
+
+def test_shingles_and_containment():
+    from autoresearch_cli.doors import dedup
+
+    text = " ".join(f"w{i}" for i in range(40))
+    assert len(dedup.shingles(text)) == 40 - dedup.SHINGLE_WORDS + 1
+    assert dedup.shingles("too short") == dedup.shingles("too  short")
+    assert dedup.shingles("") == set()
+    found = dedup.find([text, "other " + text, " ".join(f"v{i}" for i in range(40))],
+                       lambda t: "val" if t == text else "train")
+    assert found.by_split == {"val": 1, "holdout": 0} and dedup.document_key(text) in found.dropped

@@ -10,32 +10,33 @@ from autoresearch_cli.research.evidence import CommitEvidence
 from autoresearch_cli.research.keeprule import CONFIRM, DISCARD, KEEP, Noise, Rule
 
 NOISE = Noise(0.01, 20, 4)
-LIMITS = decide.Limits(repair_attempts=1, disturbed_retries=2, best_runs_needed=2)
+LIMITS = decide.Limits(repair_attempts=1, disturbed_retries=2, partners=True)
 
 
 def commit(*values: float, sha: str = "c" * 40) -> CommitEvidence:
-    runs = tuple(Run(id=i, kind="experiment", status="ok", started_at="", sha=sha, val_bpb=v)
-                 for i, v in enumerate(values, start=1))
+    """Runs on seed indices 0, 1, ..."""
+    runs = tuple(Run(id=i + 1, kind="experiment", status="ok", started_at="", sha=sha,
+                     val_bpb=v, seed_index=i) for i, v in enumerate(values))
     return CommitEvidence(sha, "cpu:2", runs, NOISE)
 
 
-BEST = commit(2.00, 2.00, 2.01, sha="b" * 40)
+BEST = commit(2.00, 2.02, 2.01, sha="b" * 40)
 
 
 @pytest.mark.parametrize(
     ("ended", "candidate", "best", "limits", "expected"),
     [
-        # the keep test decides scored candidates
-        (decide.RunEnd("experiment", "ok"), commit(1.90), BEST, LIMITS, KEEP),
+        # the keep test decides scored candidates, on the seeds both ran on
+        (decide.RunEnd("experiment", "ok"), commit(1.90), BEST, LIMITS, CONFIRM),
         (decide.RunEnd("experiment", "ok"), commit(2.05), BEST, LIMITS, DISCARD),
-        (decide.RunEnd("experiment", "ok"), commit(1.980), BEST, LIMITS, CONFIRM),
-        (decide.RunEnd("confirmation", "ok"), commit(1.980, 1.981), BEST, LIMITS, KEEP),
-        (decide.RunEnd("repair", "ok"), commit(1.90), BEST, LIMITS, KEEP),
-        # a best with too few runs on this hardware: judge later
-        (decide.RunEnd("experiment", "ok"), commit(1.90), commit(2.0, sha="b" * 40), LIMITS,
+        (decide.RunEnd("confirmation", "ok"), commit(1.980, 2.001, 1.991), BEST, LIMITS, KEEP),
+        (decide.RunEnd("repair", "ok"), commit(1.980, 2.001, 1.991), BEST, LIMITS, KEEP),
+        # the best has not run on the candidate's seed yet: its partner first
+        (decide.RunEnd("confirmation", "ok"), commit(1.98, 2.0, 1.99, 1.99), BEST, LIMITS,
          decide.WAIT),
-        (decide.RunEnd("experiment", "ok"), commit(1.90), commit(2.0, sha="b" * 40),
-         decide.Limits(1, 2, 0), KEEP),  # no more runs of the best are coming: judge now
+        (decide.RunEnd("experiment", "ok"), commit(1.90), None, LIMITS, decide.WAIT),
+        (decide.RunEnd("experiment", "ok"), commit(1.90), None,
+         decide.Limits(1, 2, partners=False), KEEP),  # none can come: nothing to beat
         # measurements only add evidence
         (decide.RunEnd("baseline", "ok"), commit(2.0), None, LIMITS, decide.RECORD),
         (decide.RunEnd("remeasure", "ok"), commit(2.0), BEST, LIMITS, decide.RECORD),
@@ -52,15 +53,18 @@ BEST = commit(2.00, 2.00, 2.01, sha="b" * 40)
         (decide.RunEnd("experiment", "crash"), None, BEST, LIMITS, decide.REPAIR),
         (decide.RunEnd("experiment", "timeout"), None, BEST, LIMITS, decide.REPAIR),
         (decide.RunEnd("repair", "oom", repairs_so_far=1), None, BEST, LIMITS, decide.DONE),
-        (decide.RunEnd("experiment", "crash"), None, BEST, decide.Limits(0, 2, 2), decide.DONE),
+        (decide.RunEnd("experiment", "crash"), None, BEST, decide.Limits(0, 2), decide.DONE),
         (decide.RunEnd("experiment", "invalid"), None, BEST, LIMITS, decide.DONE),
         (decide.RunEnd("confirmation", "crash"), commit(1.985), BEST, LIMITS, DISCARD),
     ],
 )
 def test_next_action(ended, candidate, best, limits, expected):
-    action = decide.next_action(ended, candidate, best, NOISE, Rule(), limits)
-    assert action.kind == expected
+    action = decide.next_action(ended, candidate, best, Rule(), limits)
+    assert action.kind == expected, action.reason
     assert action.reason
+    if expected == decide.WAIT:
+        assert action.seeds and all(index not in (best.by_seed() if best else {})
+                                    for index in action.seeds)
     if expected in (KEEP, DISCARD, CONFIRM):
         assert action.judgement is not None and action.judgement.verdict == expected
 

@@ -25,9 +25,15 @@ BASELINE = (2.00, 2.02, 1.98, 2.01, 1.99)
 BEST_RUNS = (1.95, 1.96, 1.955, 1.965)  # B: its run, a confirmation, two re-measures
 
 
+SEEDS: dict[str, int] = {}  # each commit's next seed index, as ar gives them
+
+
 def run(ledger, kind, parent, sha, value, status="ok", description="", again_of=None):
     exp_id = ledger.start_experiment(kind, SHA.get(parent), description, "llm", status="running")
-    ledger.update(exp_id, sha=SHA[sha], slot_class=CLASS, seed=exp_id)
+    index = SEEDS.get(sha, 0)
+    if status == "ok":
+        SEEDS[sha] = index + 1
+    ledger.update(exp_id, sha=SHA[sha], slot_class=CLASS, seed=1000 + index, seed_index=index)
     if again_of is not None:
         ledger.update(exp_id, again_of=again_of)
     ledger.finish(exp_id, status, {"status": status, "val_bpb": value, "peak_rss_mb": 1024})
@@ -36,6 +42,7 @@ def run(ledger, kind, parent, sha, value, status="ok", description="", again_of=
 
 @pytest.fixture
 def ws_ledger(micro_ws):
+    SEEDS.clear()
     with Ledger.for_workspace(micro_ws.root) as ledger:
         for value in BASELINE:
             run(ledger, "baseline", "a", "a", value, description="baseline")
@@ -73,7 +80,9 @@ def test_every_view_names_the_same_best_with_the_same_mean(ws_ledger, micro_ws, 
     facts = report.summary(evidence)
     assert (facts["best_id"], facts["best_runs"]) == (ids["b"], 4)
     assert facts["best_bpb"] == pytest.approx(mean)
-    assert facts["improvement"] == pytest.approx(statistics.fmean(BASELINE) - mean)
+    paired = statistics.fmean(a - b for a, b in zip(BASELINE, BEST_RUNS, strict=False))
+    assert facts["improvement"] == pytest.approx(paired)  # on the four seeds both ran on
+    assert facts["improvement_paired"] == 4
     assert f"best {mean:.6f}" in report.summary_text(facts)
     # the table: deltas against the parent's mean, not one run
     rows = {row["id"]: row for row in report.table_rows(evidence)}

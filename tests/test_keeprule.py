@@ -13,70 +13,69 @@ from autoresearch_cli.research.keeprule import (
     DISCARD,
     KEEP,
     Disturbance,
-    Noise,
     Rule,
     disturbed,
     judge,
     noise,
 )
 
-MEASURED = Noise(sigma=0.01, df=10, commits=3)  # runs of one commit differ by ~0.01
-BEST = (2.00, 2.00)  # the best's two runs
+BEST = (2.000, 2.020, 1.990, 2.010, 2.005, 1.995)  # the best's runs on seeds 0..5
+
+
+def pairs(*runs: float) -> list[tuple[int, float, float]]:
+    """The candidate's runs on seeds 0, 1, ..., each with the best's run on that seed."""
+    return [(index, value, BEST[index]) for index, value in enumerate(runs)]
 
 
 @pytest.mark.parametrize(
     ("runs", "expected", "why"),
     [
-        # a clear win: kept after one run
-        ((1.95,), KEEP, "kept"),
-        # a clear loss, or a tie: discarded after one run
+        # one pair never keeps, however good: one run's luck is never kept
+        ((1.90,), CONFIRM, "never kept"),
+        # a loss or a tie on its seed: discarded after one run
         ((2.03,), DISCARD, "no better"),
         ((2.00,), DISCARD, "no better"),
-        # a marginal win: one run cannot tell, another is asked for...
-        ((1.975,), CONFIRM, "needs another run"),
-        # ...and confirmed by it
-        ((1.975, 1.972), KEEP, "kept"),
-        # ...or not: the mean of two runs is too close to the best to show with three
-        ((1.975, 1.995), DISCARD, "too small"),
-        # three runs, still not shown better: discarded (max_runs)
-        ((1.985, 1.99, 1.98), DISCARD, "not shown better after 3 runs"),
-        # a win too small to show even with max_runs runs: no confirmation is wasted on it
-        ((1.992,), DISCARD, "too small"),
+        # a steady gain, the same on every seed: kept from the second pair on
+        ((1.990, 2.012), CONFIRM, "needs another run"),
+        ((1.990, 2.012, 1.980), KEEP, "kept"),
+        # a gain that moves with the seed: more pairs, then no
+        ((1.99, 2.019, 1.97, 2.012, 1.99, 1.99), DISCARD, "not shown better after 6 pairs"),
+        # a gain too small for its spread to show even with max_runs pairs: futility
+        ((1.999, 2.019, 1.990), DISCARD, "too small"),
+        # runs on different seeds that score the same: the seed does not reach the run
+        ((1.9, 1.9), DISCARD, "does not reach the run"),
     ],
 )
-def test_the_sequential_keep_rule(runs, expected, why):
-    judged = judge(runs, BEST, MEASURED, Rule())
-    assert judged.verdict == expected
+def test_the_paired_sequential_keep_rule(runs, expected, why):
+    judged = judge(pairs(*runs), Rule())
+    assert judged.verdict == expected, judged.reason
     assert why in judged.reason
-    assert judged.mean == pytest.approx(sum(runs) / len(runs))
-    assert judged.best_mean == pytest.approx(2.0)
-    assert judged.p is not None and 0 <= judged.p <= 1
+    assert judged.runs == runs and judged.best_runs == BEST[:len(runs)]
+    assert judged.gain == pytest.approx(sum(BEST[:len(runs)]) / len(runs) - sum(runs) / len(runs))
+    if len(runs) >= 2 and expected != DISCARD or "pairs" in why:
+        assert judged.p is not None and 0 <= judged.p <= 1 and judged.df == len(runs) - 1
 
 
-def test_the_test_is_stricter_with_less_noise_measured():
-    """The same numbers with noise measured from fewer runs (df 2): Student's t is wider."""
-    assert judge((1.975, 1.972), BEST, MEASURED, Rule()).verdict == KEEP
-    assert judge((1.975, 1.972), BEST, Noise(0.01, 2, 1), Rule()).verdict == DISCARD
+def test_the_spread_is_the_candidates_own():
+    """The same mean gain: tight pairs (a change that moves little) are kept, pairs that
+    spread like independent runs are not."""
+    tight = [(i, b - 0.004 + 0.0005 * (-1) ** i, b) for i, b in enumerate(BEST[:3])]
+    loose = [(i, b - 0.004 + 0.012 * (-1) ** i, b) for i, b in enumerate(BEST[:3])]
+    assert judge(tight, Rule()).verdict == KEEP
+    assert judge(loose, Rule()).verdict != KEEP
 
 
 def test_min_delta_is_a_floor_on_the_improvement():
-    clear = judge((1.95,), BEST, MEASURED, Rule())
-    assert clear.verdict == KEEP
-    assert judge((1.95,), BEST, MEASURED, Rule(min_delta=0.06)).verdict == DISCARD
+    steady = pairs(1.980, 2.000, 1.970)
+    assert judge(steady, Rule()).verdict == KEEP
+    assert judge(steady, Rule(min_delta=0.03)).verdict == DISCARD
 
 
-def test_no_best_keeps_and_unmeasured_noise_falls_back_to_one_run():
-    assert judge((2.5,), (), MEASURED, Rule()).verdict == KEEP
-    unmeasured = Noise(None, 0, 0)
-    assert judge((1.999,), BEST, unmeasured, Rule()).verdict == KEEP
-    assert "noise not measured" in judge((1.999,), BEST, unmeasured, Rule()).reason
-    assert judge((1.999,), BEST, unmeasured, Rule(min_delta=0.01)).verdict == DISCARD
-
-
-def test_the_one_run_rule():
+def test_no_best_keeps_and_the_one_run_rule():
+    assert judge([], Rule()).verdict == KEEP
     one_run = Rule(name="one-run", min_delta=0.0)
-    assert judge((1.9999,), BEST, MEASURED, one_run).verdict == KEEP
-    assert judge((2.0,), BEST, MEASURED, one_run).verdict == DISCARD
+    assert judge(pairs(1.9999), one_run).verdict == KEEP
+    assert judge(pairs(2.0), one_run).verdict == DISCARD
     keep = settings_of(default_config("micro", "t"))
     one_run = dataclasses.replace(keep.keep, rule="one-run", min_delta=-1)
     assert Rule.from_settings(one_run, 0.02).min_delta == pytest.approx(0.04)
@@ -84,23 +83,46 @@ def test_the_one_run_rule():
     assert Rule.from_settings(dataclasses.replace(one_run, min_delta=0.01)).min_delta == 0.01
 
 
-def test_the_false_keep_rate_stays_under_the_level():
-    """A change that does nothing, judged many times on simulated noise: kept at most
-    `level` of the time (Bonferroni over the looks), whereas one run keeps about half."""
-    import random
+@pytest.mark.parametrize("correlation", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("tails", ["normal", "heavy"])
+def test_a_change_that_does_nothing_is_kept_at_most_level_of_the_time(correlation, tails):
+    """Simulated null changes, whatever their correlation with the best (a rewrite: 0; a
+    constant moved a little: 0.99), with normal or heavy-tailed (Student t, 3 df) luck:
+    run confirmations while the rule asks for them; the keep rate stays under `level`.
+    One run deciding would keep about half of them."""
+    import numpy as np
 
-    rng = random.Random(0)
-    sigma, rule, trials = 0.01, Rule(level=0.05, max_runs=3), 2000
+    rng = np.random.default_rng(int(correlation * 100) + (tails == "heavy"))
+    rule, trials = Rule(level=0.05, max_runs=6), 2000
+
+    def luck(size):
+        if tails == "normal":
+            return rng.standard_normal(size)
+        return rng.standard_t(3, size) / np.sqrt(3)
+
     kept = one_run_kept = 0
     for _ in range(trials):
-        best = [2.0 + rng.gauss(0, sigma) for _ in range(2)]
-        runs = [2.0 + rng.gauss(0, sigma)]
-        one_run_kept += runs[0] < sum(best) / 2
-        while (verdict := judge(runs, best, Noise(sigma, 20, 5), rule).verdict) == CONFIRM:
-            runs.append(2.0 + rng.gauss(0, sigma))
+        seed_luck = luck(rule.max_runs)  # shared by both commits on a seed
+        best = 2.0 + 0.01 * (np.sqrt(correlation) * seed_luck + np.sqrt(1 - correlation) * luck(rule.max_runs))
+        mine = 2.0 + 0.01 * (np.sqrt(correlation) * seed_luck + np.sqrt(1 - correlation) * luck(rule.max_runs))
+        one_run_kept += mine[0] < best[0]
+        n = 1
+        while (verdict := judge([(i, mine[i], best[i]) for i in range(n)], rule).verdict) == CONFIRM:
+            n += 1
         kept += verdict == KEEP
     assert kept / trials <= 0.05
     assert one_run_kept / trials > 0.4
+
+
+def test_a_best_is_rejudged_when_its_pairs_no_longer_hold():
+    from autoresearch_cli.research.keeprule import no_longer_holds
+
+    rule = Rule()
+    assert no_longer_holds(pairs(1.98), rule) is None  # too few pairs to judge again
+    assert no_longer_holds(pairs(1.98, 2.0, 1.97), rule) is None  # still a gain
+    assert "no gain" in no_longer_holds(pairs(1.98, 2.05, 2.0), rule)
+    wobbly = pairs(1.99, 2.03, 1.98, 2.02, 1.99, 2.0)  # a small gain, not shown over 6 pairs
+    assert "not shown better" in no_longer_holds(wobbly, rule)
 
 
 @pytest.mark.parametrize(

@@ -32,9 +32,6 @@ TEMPLATE = (Path(__file__).resolve().parents[1] / "workspace_template" / "train.
 @pytest.mark.parametrize(
     ("old", "new", "research"),
     [
-        # ar owns the seed: changing it, or hard-coding one, is luck, not research
-        ("torch.manual_seed(prepare.SEED)", "torch.manual_seed(1234)", False),
-        ("torch.cuda.manual_seed(prepare.SEED)", "torch.cuda.manual_seed(7)", False),
         # comments and what is printed change nothing a score depends on
         ("# ar gives each run its seed", "# a better comment", False),
         ('print(f"Model config: {config}")', 'print("config", config)', False),
@@ -50,3 +47,42 @@ def test_seed_and_other_non_research_changes_are_rejected(old, new, research):
         assert reason is None
     else:
         assert "nothing to research" in reason
+
+
+LR = "MATRIX_LR = "
+
+
+@pytest.mark.parametrize(
+    "pin",
+    [
+        "torch.manual_seed(1234)",  # a literal seed, with a research change beside it
+        "prepare.SEED = 1234",  # the seed ar gave, overwritten
+        "SEED = 7",
+        "import os\nos.environ['AR_SEED'] = '3'",
+        "import numpy as np\nrng = np.random.default_rng(42)",
+        "import random\nrandom.seed(5)",
+        "torch.set_rng_state(torch.ByteTensor(5056))",
+        "loader = prepare.make_dataloader(None, 1, 8, seed=11)",
+    ],
+)
+def test_a_proposal_cannot_pin_the_seed(pin):
+    """The run's seed is ar's alone, whatever else the proposal changes."""
+    changed = TEMPLATE.replace(LR, "MATRIX_LR = 1.5 * ", 1) + "\n" + pin + "\n"
+    reason = validate(changed, TEMPLATE)
+    assert reason is not None and "prepare.SEED" in reason and "line" in reason
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    ["torch.manual_seed(prepare.SEED + 1)", "import numpy as np\nrng = np.random.default_rng()",
+     "SEED = prepare.SEED", "g = torch.Generator().manual_seed(prepare.SEED)"],
+)
+def test_seeds_drawn_from_ars_seed_are_allowed(allowed):
+    changed = TEMPLATE.replace(LR, "MATRIX_LR = 1.5 * ", 1) + "\n" + allowed + "\n"
+    assert validate(changed, TEMPLATE) is None
+
+
+def test_a_nul_or_a_seed_only_change_is_turned_back():
+    assert "does not parse" in validate(TEMPLATE + "\x00", TEMPLATE)
+    seed_only = TEMPLATE.replace("torch.manual_seed(prepare.SEED)", "torch.manual_seed(prepare.SEED + 7)")
+    assert "nothing to research" in validate(seed_only, TEMPLATE)

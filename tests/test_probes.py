@@ -236,9 +236,7 @@ def template_model(ws):
     import importlib.util
     import sys
 
-    from autoresearch_cli.doors.config import load_raw
-
-    profile = load_raw(ws.config_path)["profile"]
+    profile = vars(ws.settings().profile)
     sys.path.insert(0, str(ws.root))
     try:
         spec = importlib.util.spec_from_file_location("template_train", ws.root / "train.py")

@@ -114,13 +114,13 @@ def test_plot_errors_are_clear(ledger, tmp_path, monkeypatch):
 
 def test_the_best_chain_shows_the_evidence_of_each_keep(ledger):
     """Runs, mean, spread and the test's outcome per kept step; the noise per hardware."""
-    from autoresearch_cli.research.keeprule import Noise, Rule, judge
+    from autoresearch_cli.research.keeprule import Rule, judge
 
     for value in (1.02, 0.99):  # the baseline re-measured twice
         add(ledger, None, "a", value, decision=None, kind="remeasure", description="re-measure")
     for value in (0.96, 0.94):  # #5 confirmed by two more runs
         add(ledger, "b", "e", value, decision=None, kind="confirmation", description="confirm")
-    tested = judge((0.95, 0.96, 0.94), (0.98,), Noise(0.01, 3, 2), Rule())
+    tested = judge([(0, 0.95, 1.0), (1, 0.96, 1.02), (2, 0.94, 0.99)], Rule())
     ledger.update(5, evidence=json.dumps(tested.as_dict()))
     evidence = ev(ledger)
     chain = report.best_chain(evidence)
@@ -130,7 +130,7 @@ def test_the_best_chain_shows_the_evidence_of_each_keep(ledger):
                                                                pytest.approx(0.01))
     pooled = ((4.667e-4 + 2e-4) / 4) ** 0.5  # the baseline's and the best's spreads, 4 df
     assert best["half_width"] == pytest.approx(2.776 * pooled / 3 ** 0.5, rel=0.01)
-    assert best["test"].startswith("p=") and "3 run(s)" in best["test"]
+    assert best["test"].startswith("p=") and "3 pairs" in best["test"]
     assert outcome(evidence.runs[-1]) == "confirmation" and outcome(evidence.runs[5]) == "remeasure"
     (line,) = report.noise_lines(evidence)
     assert "4 degrees of freedom" in line and "2 commit(s)" in line

@@ -101,8 +101,14 @@ def ok(bpb):
     return {"status": "ok", "val_bpb": bpb, "holdout_bpb": bpb, "reason": None}
 
 
+CRASH_LOG = ("step 3 loss 4.1\nTraceback (most recent call last):\n"
+             '  File "/run/code/train.py", line 2, in <module>\n'
+             '  File "/usr/lib/python3.11/x.py", line 9, in f\n'
+             "ValueError: boom\n\x1b[2Jthe job's secret: read from somewhere\n")
+
+
 def crash(reason):
-    return {"status": "crash", "val_bpb": None, "reason": reason, "log_tail": "Traceback: boom"}
+    return {"status": "crash", "val_bpb": None, "reason": reason, "log_tail": CRASH_LOG}
 
 
 SLOTS = [Slot(0, "cpu", cpus=(0,)), Slot(1, "cpu", cpus=(1,))]
@@ -193,7 +199,9 @@ def test_a_crash_gets_one_repair_that_sees_the_failure(session):
     assert first["status"] == "crash" and first["decision"] is None
     assert repair["kind"] == "repair" and repair["repair_of"] == first["id"]
     assert agent.failures[0] is None
-    assert "train.py exited with code 1" in agent.failures[1] and "Traceback: boom" in agent.failures[1]
+    told = agent.failures[1]  # what ar extracted from the log, never the log itself
+    assert "train.py exited with code 1" in told and "exception: ValueError: boom" in told
+    assert "train.py line 2" in told and "secret" not in told and "\x1b" not in told
     assert repair["status"] == "crash"  # repair_attempts = 1: no repair of the repair
     assert session.ws.tip() == first["parent_sha"]
 

@@ -61,7 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "holdout_percent": 5,  # share in the holdout split, never used for decisions
     },
     "sandbox": {
-        "max_rss_mb": 8192,  # whole process tree, polled
+        "max_rss_mb": 8192,  # the job's control group's charge where there is one, else polled RSS/PSS
         "max_vram_mb": 0,  # 0: no cap beyond the device
         "max_file_mb": 2048,  # largest file a job may write
         "max_open_files": 4096,
@@ -79,15 +79,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "proposal_timeout_s": 900,  # all calls of one proposal, retries and follow-ups included
     },
     "keep": {
-        # The keep test (autoresearch_cli/keeprule.py). "sequential": a one-sided t-test of
-        # the candidate's mean against the best's, the noise measured from repeated runs,
-        # looked at after each run; clear wins keep after one run, marginal ones get more.
-        # "one-run": one run decides, by min_delta.
+        # The keep test (research/keeprule.py). "sequential": a candidate's k-th run and the
+        # best's k-th run share a seed; a one-sided paired t-test on their differences,
+        # looked at after each pair from min_runs on. "one-run": one run decides.
         "rule": "sequential",
         "level": 0.05,  # the chance of keeping a change that is no better, at most
-        "max_runs": 3,  # runs of one candidate at most (the first and its confirmations)
-        "noise_runs": 5,  # runs of the first baseline, with different seeds: the noise
-        "best_runs": 2,  # runs of each new best (re-measures), so the best is a mean
+        "max_runs": 6,  # paired runs of one candidate at most (the first and confirmations)
+        "min_runs": 2,  # paired runs before a keep: one run's luck is never kept
+        "noise_runs": 5,  # runs of the first baseline, on seeds 0..4: the noise, and partners
+        "best_runs": 2,  # runs of each new best at least (partners for the next candidates)
         "min_delta": -1.0,  # least improvement worth keeping; < 0: 0 (one-run: 2x baseline std)
         # A run that other processes left less than min_share of its cores, or that ran the
         # same code below min_throughput of its usual tokens/s, is set aside and run again.
@@ -160,6 +160,7 @@ class KeepSettings:
     rule: str
     level: float
     max_runs: int
+    min_runs: int
     noise_runs: int
     best_runs: int
     min_delta: float
@@ -264,7 +265,7 @@ def _check_keep(keep: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path}: [keep] rule must be one of {', '.join(RULES)}, got {keep.get('rule')!r}")
     if not isinstance(keep.get("level"), int | float) or not 0 < keep["level"] < 1:
         raise ConfigError(f"{path}: [keep] level must be between 0 and 1, got {keep.get('level')!r}")
-    for key, least in (("max_runs", 1), ("noise_runs", 1), ("best_runs", 1),
+    for key, least in (("max_runs", 1), ("min_runs", 1), ("noise_runs", 1), ("best_runs", 1),
                        ("disturbed_retries", 0)):
         if not isinstance(keep.get(key), int) or keep[key] < least:
             raise ConfigError(f"{path}: [keep] {key} must be an integer of at least {least}, "
@@ -272,5 +273,8 @@ def _check_keep(keep: dict[str, Any], path: Path) -> None:
     for key in ("min_share", "min_throughput"):
         if not isinstance(keep.get(key), int | float) or not 0 <= keep[key] <= 1:
             raise ConfigError(f"{path}: [keep] {key} must be between 0 and 1, got {keep.get(key)!r}")
+    if keep["min_runs"] > keep["max_runs"]:
+        raise ConfigError(f"{path}: [keep] min_runs ({keep['min_runs']}) must not exceed "
+                          f"max_runs ({keep['max_runs']})")
     if not isinstance(keep.get("min_delta"), int | float):
         raise ConfigError(f"{path}: [keep] min_delta must be a number, got {keep.get('min_delta')!r}")

@@ -25,12 +25,13 @@ import numpy as np
 import rustbpe
 import tiktoken
 
+from autoresearch_cli.doors import dedup
 from autoresearch_cli.doors.sources import Source, parse_source
 from autoresearch_cli.errors import DataError
 
 # ---------------------------------------------------------------------------
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: near-copies of training documents dropped from val and holdout
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.pkl"
 TOKEN_BYTES = "token_bytes.npy"
@@ -269,8 +270,16 @@ def _build(
     with open(_temp_path(data_dir, TOKEN_BYTES), "wb") as handle:
         np.save(handle, token_byte_lengths(encoding))
 
+    progress("looking for evaluation documents that nearly copy a training document")
+    duplicates = dedup.find(src.documents(data_dir, Counter()),
+                            lambda text: split_of(text, val_percent, holdout_percent))
+    if duplicates.dropped:
+        counts = ", ".join(f"{n} {split}" for split, n in sorted(duplicates.by_split.items()) if n)
+        progress(f"dropped {counts} document(s) sharing at least {dedup.CONTAINMENT:.0%} of "
+                 "their 8-word shingles with a training document")
     skipped: Counter[str] = Counter()
-    splits = _encode_splits(data_dir, src.documents(data_dir, skipped), encoding, wanted, progress)
+    splits = _encode_splits(data_dir, src.documents(data_dir, skipped), encoding, wanted, progress,
+                            duplicates.dropped)
     _check_split_sizes(splits)
     manifest = {
         **wanted,
@@ -281,6 +290,7 @@ def _build(
         "tokenizer_training": sample,
         "documents": sum(entry["documents"] for entry in splits.values()),
         "skipped_documents": dict(sorted(skipped.items())),
+        "near_duplicates": duplicates.record(),
         "seconds": 0.0,
     }
     _commit(data_dir, manifest, started)
@@ -294,6 +304,7 @@ def _encode_splits(
     encoding: tiktoken.Encoding,
     wanted: dict[str, Any],
     progress: Progress,
+    dropped: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> dict[str, dict[str, Any]]:
     bos_id = wanted["vocab_size"] - 1
     threads = (
@@ -309,9 +320,10 @@ def _encode_splits(
             split: ([], [0]) for split in SPLITS
         }
         for text, ids in zip(batch, token_lists, strict=True):
-            lists, text_bytes = grouped[
-                split_of(text, wanted["val_percent"], wanted["holdout_percent"])
-            ]
+            split = split_of(text, wanted["val_percent"], wanted["holdout_percent"])
+            if split != "train" and dropped and dedup.document_key(text) in dropped:
+                continue  # a near-copy of a training document: it would score luck
+            lists, text_bytes = grouped[split]
             lists.append(ids)
             text_bytes[0] += len(text.encode("utf-8"))
         for split, (lists, text_bytes) in grouped.items():

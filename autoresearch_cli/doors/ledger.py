@@ -32,6 +32,7 @@ from autoresearch_cli.doors.records import (
     Event,
     Run,
 )
+from autoresearch_cli.doors.text import unicode_safe
 from autoresearch_cli.errors import ArError, WorkspaceError
 
 LEDGER_ENV = "AR_LEDGER_PATH"
@@ -162,9 +163,15 @@ def process_alive(pid: int | None, host: str | None, started_at: str) -> bool:
         return True
 
 
+def storable(value: Any) -> Any:
+    """A value SQLite can store: text with lone surrogates (a model's reply may hold them)
+    gets them replaced; everything else as it is."""
+    return unicode_safe(value) if isinstance(value, str) else value
+
+
 def _insert_event(db: sqlite3.Connection, kind: str, sha: str | None, detail: str | None) -> int:
     cursor = db.execute("INSERT INTO events (kind, sha, detail, created_at) VALUES (?, ?, ?, ?)",
-                        (kind, sha, detail, now()))
+                        (kind, sha, storable(detail), now()))
     return int(cursor.lastrowid)
 
 
@@ -177,6 +184,7 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
+        self.writes = 0  # transactions this connection committed: a cache key for readers
         self._lock = threading.RLock()
         try:
             if read_only:
@@ -250,6 +258,7 @@ class Ledger:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                self.writes += 1
             except sqlite3.OperationalError as exc:
                 if not getattr(exc, "sqlite_errorname", "").startswith(ENVIRONMENT_ERRORS):
                     raise
@@ -285,7 +294,7 @@ class Ledger:
             cursor = db.execute(
                 "INSERT INTO experiments (kind, parent_sha, branch, status, description, agent,"
                 " pid, host, started_at, repair_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, parent_sha, branch, status, description, agent, os.getpid(),
+                (kind, parent_sha, branch, status, storable(description), agent, os.getpid(),
                  socket.gethostname(), now(), repair_of))
             return int(cursor.lastrowid)
 
@@ -310,7 +319,7 @@ class Ledger:
             return
         assignments = ", ".join(f"{name} = ?" for name in fields)
         cursor = db.execute(f"UPDATE experiments SET {assignments} WHERE id = ?",
-                            (*fields.values(), experiment_id))
+                            (*map(storable, fields.values()), experiment_id))
         if cursor.rowcount == 0:
             raise ArError(f"no experiment #{experiment_id} in the ledger")
 
@@ -399,6 +408,7 @@ class Ledger:
         for key in ("prompt", "reply"):
             if values[key] is not None and not isinstance(values[key], str):
                 values[key] = json.dumps(values[key])
+        values = {key: storable(value) for key, value in values.items()}
         with self._transaction() as db:
             cursor = db.execute(
                 f"INSERT INTO llm_calls (experiment_id, {', '.join(LLM_CALL_FIELDS)}, created_at)"

@@ -10,7 +10,8 @@ returns one of
   by `disturbed_retries`, never judged;
 - REPAIR: the run trained and failed (crash, timeout, oom): the agent may fix it, bounded
   by `repair_attempts`;
-- WAIT: the best has fewer runs on this hardware than the test needs; judge it later;
+- WAIT: the best has not run yet on some seed the candidate ran on (its partner): those
+  runs first (`seeds`), then judge;
 - RECORD: a measurement of a commit already on the branch (baseline, re-measure): it only
   adds evidence;
 - DONE: nothing more to do for it (an invalid proposal, a failure with no repair left, a
@@ -21,16 +22,16 @@ The scheduler performs the action (research/scheduler.py); it does not decide.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from autoresearch_cli.doors.records import MEASURE_KINDS
-from autoresearch_cli.research.evidence import CommitEvidence, failed
+from autoresearch_cli.research.evidence import CommitEvidence, failed, missing_partners, pairs
 from autoresearch_cli.research.keeprule import (
     CONFIRM,
     DISCARD,
     KEEP,
     Judgement,
-    Noise,
     Rule,
     judge,
 )
@@ -54,7 +55,7 @@ class RunEnd:
 class Limits:
     repair_attempts: int = 1
     disturbed_retries: int = 2
-    best_runs_needed: int = 1  # runs the best needs on the class before a candidate is judged
+    partners: bool = True  # runs of the best on missing seeds may still come: wait for them
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,31 @@ class Action:
     kind: str  # one of ACTIONS
     reason: str
     judgement: Judgement | None = None  # the keep test, for KEEP, DISCARD and CONFIRM
+    seeds: tuple[int, ...] = ()  # for WAIT: the seed indices the best must run on
 
 
 def next_action(ended: RunEnd, candidate: CommitEvidence | None, best: CommitEvidence | None,
-                noise: Noise, rule: Rule, limits: Limits) -> Action:
-    """What to do now about the run that ended (see the module's docstring)."""
+                rule: Rule, limits: Limits) -> Action:
+    """What to do now about the run that ended (see the module's docstring). `candidate`
+    and `best` are their runs on the candidate's hardware class."""
     if ended.disturbed:
         return _disturbed(ended, limits)
     if ended.kind in MEASURE_KINDS:
         return Action(RECORD, "a measurement of a commit on the branch")
     if ended.status != "ok" or candidate is None or not candidate.runs:
         return _not_scored(ended, limits)
-    have = best.n if best is not None else 0
-    if have < limits.best_runs_needed:
-        return Action(WAIT, f"the best has {have} of the {limits.best_runs_needed} runs the "
-                            f"keep test needs on {candidate.slot_class}")
-    verdict = judge(candidate.values, best.values if best is not None else (), noise, rule)
+    missing = missing_partners(candidate, best)
+    if missing and limits.partners:
+        seeds = ", ".join(map(str, missing))
+        return Action(WAIT, f"waiting for the best's run on seed {seeds} (its partner)",
+                      seeds=tuple(missing))
+    verdict = judge(pairs(candidate, best), rule)
+    if verdict.verdict == CONFIRM and (candidate.n >= rule.max_runs or missing):
+        # its runs cannot all be paired (the best's runs there failed): more of them would
+        # not be either, and every loop that runs work again is bounded
+        reason = (f"discarded: not shown better after {candidate.n} runs, "
+                  f"{len(verdict.runs)} of them paired with the best's: {verdict.reason}")
+        verdict = dataclasses.replace(verdict, verdict=DISCARD, reason=reason)
     return Action(verdict.verdict, verdict.reason, verdict)
 
 

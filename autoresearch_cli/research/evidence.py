@@ -89,6 +89,16 @@ class CommitEvidence:
     def seeds(self) -> tuple[int | None, ...]:
         return tuple(run.seed for run in self.runs)
 
+    def by_seed(self) -> dict[int, float]:
+        """Its scored runs by seed index (the first on each index). A run from before
+        seeds were paired (no index) takes its place in order: such pairs share no seed,
+        which only widens their spread."""
+        indexed: dict[int, float] = {}
+        for position, run in enumerate(self.runs):
+            index = run.seed_index if run.seed_index is not None else position
+            indexed.setdefault(index, run.val_bpb)  # type: ignore[arg-type]
+        return indexed
+
     @property
     def mean(self) -> float | None:
         return statistics.fmean(self.values) if self.runs else None
@@ -126,6 +136,7 @@ class Gain:
     after: CommitEvidence
     value: float
     half_width: float | None
+    paired: int = 0  # the seeds both ran on, when the gain is paired (0: means compared)
 
     @property
     def percent(self) -> float:
@@ -133,14 +144,36 @@ class Gain:
 
     def describe(self) -> str:
         spread = f" ± {self.half_width:.4f}" if self.half_width is not None else ""
-        return f"{self.value:+.6f}{spread} ({self.percent:+.2f}%)"
+        how = f", {self.paired} seeds paired" if self.paired else ""
+        return f"{self.value:+.6f}{spread} ({self.percent:+.2f}%{how})"
+
+
+def pairs(candidate: CommitEvidence, best: CommitEvidence | None) -> list[tuple[int, float, float]]:
+    """(seed index, candidate's run, best's run) for every seed both ran on."""
+    if best is None:
+        return []
+    theirs = best.by_seed()
+    return [(index, value, theirs[index]) for index, value in sorted(candidate.by_seed().items())
+            if index in theirs]
+
+
+def missing_partners(candidate: CommitEvidence, best: CommitEvidence | None) -> list[int]:
+    """Seed indices the candidate ran on and the best did not (yet)."""
+    theirs = best.by_seed() if best is not None else {}
+    return sorted(index for index in candidate.by_seed() if index not in theirs)
 
 
 def gain(before: CommitEvidence, after: CommitEvidence) -> Gain | None:
-    """The improvement from `before` to `after` on one class: a difference of means, its
-    interval from the class's noise (runs of two commits are independent draws)."""
+    """The improvement from `before` to `after` on one class. Paired where they share
+    seeds (two or more): the mean of the paired differences, its interval from their own
+    spread; else a difference of means, its interval from the class's noise."""
     if before.mean is None or after.mean is None:
         return None
+    shared = pairs(after, before)
+    if len(shared) >= 2:
+        diffs = [b - a for _, a, b in shared]
+        half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        return Gain(before, after, statistics.fmean(diffs), half, len(diffs))
     measured = after.noise if after.noise.sigma is not None else before.noise
     half = None
     if measured.sigma is not None:
@@ -250,6 +283,22 @@ class Evidence:
         return run.kind in NEW_COMMIT_KINDS and run.decision == "keep"
 
     @cached_property
+    def rejudged_ids(self) -> set[int]:
+        """Kept experiments whose later runs no longer held up (a `rejudged` event)."""
+        found = set()
+        for event in self.events:
+            if event.kind == "rejudged" and event.detail:
+                head = event.detail.split(":", 1)[0].removeprefix("experiment #")
+                if head.isdigit():
+                    found.add(int(head))
+        return found
+
+    def word(self, run: Run) -> str:
+        """outcome(run), and `rejudged` for a keep that later runs took back."""
+        word = outcome(run)
+        return "rejudged" if word == "keep" and run.id in self.rejudged_ids else word
+
+    @cached_property
     def recorded_shas(self) -> set[str]:
         """Commits that were on the branch's record: the baseline and every keep."""
         shas = {run.sha for run in self.runs if self.is_keep(run) and run.sha}
@@ -282,7 +331,7 @@ class Evidence:
         """How many runs ended each way (outcome words)."""
         words: dict[str, int] = defaultdict(int)
         for run in self.runs:
-            words[outcome(run)] += 1
+            words[self.word(run)] += 1
         return dict(words)
 
     def parent_mean(self, run: Run) -> float | None:

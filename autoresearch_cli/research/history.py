@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from autoresearch_cli.agents.base import History, HistoryItem, Parent
 from autoresearch_cli.doors.records import IN_FLIGHT, NEW_COMMIT_KINDS, Run
-from autoresearch_cli.research.evidence import Evidence, outcome
+from autoresearch_cli.research.evidence import Evidence
 
 
 def history(evidence: Evidence) -> History:
@@ -25,7 +25,7 @@ def history(evidence: Evidence) -> History:
         if run.kind not in NEW_COMMIT_KINDS:
             continue  # re-measures and confirmations add to their commit's evidence
         key: object = run.sha if run.sha and run.status == "ok" else f"#{run.id}"
-        items[key] = (_commit_item(evidence, run, outcome(run)) if run.scored
+        items[key] = (_commit_item(evidence, run, evidence.word(run)) if run.scored
                       else _unscored_item(run))
     best = evidence.best()
     best_item = None

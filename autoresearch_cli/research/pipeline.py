@@ -30,9 +30,13 @@ from autoresearch_cli.agents.base import (
     ProposalError,
 )
 from autoresearch_cli.doors import gitops
+from autoresearch_cli.doors.records import Run
+from autoresearch_cli.doors.text import one_line, printable, unicode_safe
 from autoresearch_cli.research import history as history_of
 from autoresearch_cli.research.evidence import failed
+from autoresearch_cli.research.failures import failure_report
 from autoresearch_cli.research.keeprule import CONFIRM, KEEP, Judgement
+from autoresearch_cli.research.seeds import pinned_seed
 from autoresearch_cli.research.session import (
     RefGuard,
     Session,
@@ -42,7 +46,8 @@ from autoresearch_cli.research.session import (
     job_tampering,
 )
 
-REPLACED_PREFIX = "refs/ar/replaced/"  # a best that a concurrent keep replaced stays here
+REPLACED_PREFIX = "refs/ar/replaced/"
+DESCRIPTION_CHARS = 200  # of a proposal's one-line description  # a best that a concurrent keep replaced stays here
 
 # --- the rules: pure functions of numbers -----------------------------------------------
 
@@ -55,9 +60,11 @@ def validate(train_py: str, parent_train_py: str) -> str | None:
         ast.parse(train_py)
     except SyntaxError as exc:
         return f"train.py does not parse: line {exc.lineno}: {exc.msg}"
+    except ValueError as exc:  # a NUL byte
+        return f"train.py does not parse: {exc}"
     if "build_model" not in train_py or "save_for_eval" not in train_py:
         return "train.py must define build_model and call prepare.save_for_eval"
-    return non_research_change(train_py, parent_train_py)
+    return pinned_seed(train_py) or non_research_change(train_py, parent_train_py)
 
 
 # Calls whose arguments are a seed (ar owns it) or only reach the log, never the model.
@@ -128,6 +135,8 @@ class Task:
     retries: int = 0  # disturbed runs before this one in the chain
     requeued: bool = False  # a run of it was lost to the machine (a node died) once already
     requested: bool = False  # a measurement the user asked for (`ar baseline --repeat`)
+    seed_index: int | None = None  # which of the workspace's seeds (None: the next free one)
+    slot_class: str | None = None  # the hardware it must run on (None: any free slot)
 
     @property
     def kind(self) -> str:
@@ -164,13 +173,12 @@ class Result:
     val_bpb: float | None
     details: dict[str, Any]  # result.json, as checked
 
-    @property
-    def failure(self) -> str | None:
-        """What a repair is told: the reason and the end of the training log."""
+    def failure(self, train_py: str) -> str | None:
+        """What a repair is told (research/failures.py): ar's reason and what it extracted
+        from the log, never the log itself."""
         if not failed(self.status):
             return None
-        return (f"{self.details.get('reason')}\n\nLast lines of the training log:\n"
-                f"{self.details.get('log_tail') or ''}")
+        return failure_report(self.details.get("reason"), self.details.get("log_tail"), train_py)
 
 
 def open_experiment(current: Session, task: Task, agent_name: str | None) -> int:
@@ -189,23 +197,29 @@ def propose(current: Session, agent: Agent, exp_id: int, task: Task) -> Proposal
     and propagates: the scheduler stops asking.
     """
     ledger = current.ledger
-    parent_train_py = _train_py(current, task.parent.sha)
+    parent_train_py = train_py_of(current, task.parent.sha)
     shown_train_py = parent_train_py
     if task.repair_of is not None:  # a repair starts from the train.py that failed
         failed_sha = ledger.run(task.repair_of).sha
-        shown_train_py = (_train_py(current, failed_sha) if failed_sha else "") or parent_train_py
+        shown_train_py = (train_py_of(current, failed_sha) if failed_sha else "") or parent_train_py
     bound = {"record_call": lambda record: ledger.record_llm_call(exp_id, record)}
     try:
         proposal = agent.propose(shown_train_py, program_md(current, task.parent.sha),
                                  history_of.history(current.evidence()), task.failure,
                                  **(bound if _takes_record_call(agent) else {}))
     except ProposalError as exc:
-        return reject(current, exp_id, exc.reason)
+        return reject(current, exp_id, one_line(exc.reason))
     except AgentError as exc:
-        ledger.finish(exp_id, "invalid", None, reason=f"no proposal: {exc}")
+        ledger.finish(exp_id, "invalid", None, reason=one_line(f"no proposal: {exc}"))
         current.export()
         raise
+    # A model wrote these: no escape sequence reaches a terminal, no NUL a commit message,
+    # no lone surrogate the disk (doors/text.py).
+    proposal.description = one_line(proposal.description, DESCRIPTION_CHARS) or "(no description)"
     ledger.update(exp_id, description=proposal.description)
+    if unicode_safe(proposal.train_py) != proposal.train_py or "\x00" in proposal.train_py:
+        return reject(current, exp_id, "the proposed train.py holds bytes that are not text "
+                                       "(a NUL or invalid UTF-8)")
     reason = validate(proposal.train_py, parent_train_py)
     if reason:
         return reject(current, exp_id, reason)
@@ -219,9 +233,9 @@ def combine(current: Session, exp_id: int, task: Task) -> Proposal | Rejected:
     assert task.combines is not None
     first, second = (current.ledger.run(exp_id_) for exp_id_ in task.combines)
     other = second if task.parent.sha == first.sha else first
-    base = _train_py(current, other.parent_sha)
-    ours = _train_py(current, task.parent.sha)
-    merged, conflicts = gitops.merge_file(base, ours, _train_py(current, other.sha))
+    base = train_py_of(current, other.parent_sha)
+    ours = train_py_of(current, task.parent.sha)
+    merged, conflicts = gitops.merge_file(base, ours, train_py_of(current, other.sha))
     description = (f"combine #{first.id} ({first.description}) and "
                    f"#{second.id} ({second.description})")
     current.ledger.update(exp_id, description=description)
@@ -280,7 +294,10 @@ def check(current: Session, candidate: Candidate, raw: dict[str, Any],
     by the scheduler, `tampered`) or the ledger."""
     details = invalidate(dict(raw), job_tampering(current, candidate.worktree, candidate.sha,
                                                   candidate.ledger_version, tampered))
-    return Result(details["status"], details.get("val_bpb"), details)
+    for key in ("reason", "log_tail", "isolation_note", "eval_note"):  # the run wrote these
+        if isinstance(details.get(key), str):
+            details[key] = printable(details[key])
+    return Result(str(details.get("status")), details.get("val_bpb"), details)
 
 
 def record(current: Session, candidate: Candidate, result: Result,
@@ -325,6 +342,19 @@ def settle(current: Session, guard: RefGuard, exp_id: int, tested: Judgement) ->
     current.export()
 
 
+def rejudge(current: Session, guard: RefGuard, kept: Run, reason: str) -> None:
+    """The best no longer holds: the branch goes back to the commit it was built on, a
+    `rejudged` event names both, and the kept row says why (its decision stays: it was
+    kept, on the evidence of its time)."""
+    ws = current.ws
+    tip = ws.tip()
+    guard.update(ws.branch_ref(), kept.parent_sha, tip)
+    gitops.sync_checkout(ws.root, ws.branch, tip, kept.parent_sha)
+    current.ledger.add_event("rejudged", kept.parent_sha, f"experiment #{kept.id}: {reason}")
+    current.ledger.update(kept.id, reason=f"{kept.reason or 'kept'}; re-judged later: {reason}")
+    current.export()
+
+
 def interrupt(current: Session, candidate: Candidate | None, exp_id: int,
               reason: str = "interrupted by the user") -> None:
     """An experiment stopped before its end: its row says why, its worktree goes."""
@@ -348,7 +378,8 @@ def program_md(current: Session, sha: str) -> str:
     return (gitops.show_file(current.ws.root, sha, "program.md") or b"").decode()
 
 
-def _train_py(current: Session, sha: str | None) -> str:
+def train_py_of(current: Session, sha: str | None) -> str:
+    """train.py as committed at `sha` (empty when there is none)."""
     if not sha:
         return ""
     return (gitops.show_file(current.ws.root, sha, "train.py") or b"").decode()

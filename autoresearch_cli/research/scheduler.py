@@ -22,9 +22,11 @@ from autoresearch_cli.backends.base import Backend, Ended, Slot
 from autoresearch_cli.doors import gitops
 from autoresearch_cli.doors.records import IN_FLIGHT, NEW_COMMIT_KINDS, Run
 from autoresearch_cli.research import decide, keeprule, pipeline
-from autoresearch_cli.research.evidence import CommitEvidence, Evidence
+from autoresearch_cli.research.evidence import CommitEvidence, Evidence, pairs
 from autoresearch_cli.research.history import parents
+from autoresearch_cli.research.measurements import Measurements
 from autoresearch_cli.research.pipeline import Candidate, Rejected, Task
+from autoresearch_cli.research.seeds import run_seed
 from autoresearch_cli.research.session import (
     RefGuard,
     Session,
@@ -61,7 +63,6 @@ class Scheduler:
     waiting: list[Candidate] = field(default_factory=list)  # recorded, to judge later
     proposing: int | None = None  # the experiment whose proposal is being asked for
     suspects: dict[int, list[str]] = field(default_factory=dict)  # refs moved while it ran
-    measured: dict[tuple[str, str], int] = field(default_factory=dict)  # measurements started
     # parent sha -> (id, sha, tick it ended) of the runs that beat it: combination material
     winners: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
     ticks: int = 0  # counts runs started and judged: tells which ran at the same time
@@ -70,6 +71,7 @@ class Scheduler:
     def __post_init__(self) -> None:
         self.guard = RefGuard(self.current.ws.root)
         self.keep = self.current.settings.keep
+        self.measurements = Measurements.from_settings(self.keep)
         self._waiting_reason: str | None = None
         tip = self._tip()
         for index in range(self.measures):
@@ -116,33 +118,23 @@ class Scheduler:
         on_class = (evidence or self.current.evidence()).on_class(tip)
         return Parent(tip, on_class.mean if on_class else None, None, "")
 
-    def _measure_task(self, tip: Parent, requested: bool = False, index: int = 0) -> Task:
+    def _measure_task(self, tip: Parent, requested: bool = False, index: int = 0,
+                      seed_index: int | None = None, slot_class: str | None = None) -> Task:
         evidence = self.current.evidence()
         is_baseline = evidence.baseline_sha in (None, tip.sha)
         label = "baseline" if is_baseline else "re-measure of the best"
+        if seed_index is not None:
+            label += f" on seed {seed_index} (a partner)"
+        elif requested and self.measures > 1:
+            label += f" ({index + 1} of {self.measures})"
         return Task(tip, measure=True, remeasure=not is_baseline, requested=requested,
-                    description=f"{label}" + (f" ({index + 1} of {self.measures})"
-                                              if requested and self.measures > 1 else ""))
-
-    def _runs_needed(self, evidence: Evidence, slot_class: str) -> int:
-        """Scored runs the best needs on `slot_class` before candidates there are judged:
-        one under the one-run rule; else enough to measure the noise (noise_runs of the
-        first measured commit) and then best_runs, so the best is a mean."""
-        if self.keep.rule == "one-run":
-            return 1
-        if evidence.noise(slot_class).df < self.keep.noise_runs - 1:
-            return self.keep.noise_runs
-        return self.keep.best_runs
+                    description=label, seed_index=seed_index, slot_class=slot_class)
 
     def _measuring(self, sha: str, slot_class: str) -> int:
         started = sum(1 for c in self.running.values()
                       if c.task.measure and c.sha == sha and c.slot_class == slot_class)
-        return started + sum(1 for task in self.queue if task.measure and task.parent.sha == sha)
-
-    def _measure_bound(self, needed: int) -> int:
-        """Measurements of one commit on one class, at most: every loop is bounded, so a
-        commit whose runs always fail or always look disturbed cannot hold the loop."""
-        return needed * (1 + self.keep.disturbed_retries) + 1
+        return started + sum(1 for task in self.queue if task.measure and task.parent.sha == sha
+                             and task.slot_class in (None, slot_class))
 
     def _measurement(self, slot: Slot, evidence: Evidence) -> Task | None:
         """A run of the tip on `slot`'s class when it has fewer runs there than the keep
@@ -152,29 +144,43 @@ class Scheduler:
             return None
         key = (tip.sha, slot.slot_class)
         have = evidence.commit(*key).n
-        needed = self._runs_needed(evidence, slot.slot_class)
-        if have + self._measuring(*key) >= needed or self.measured.get(key, 0) >= self._measure_bound(needed):
+        needed = self.measurements.runs_needed(evidence, slot.slot_class)
+        if have + self._measuring(*key) >= needed or not self.measurements.may_measure(*key):
             return None
         if not self._has_work() and not any(c.slot_class == slot.slot_class for c in self.waiting):
             return None
-        return self._measure_task(tip)
+        return self._measure_task(tip, slot_class=slot.slot_class)
 
-    def _more_measurement(self, evidence: Evidence, slot_class: str) -> bool:
-        """Whether runs of the tip on `slot_class` that the keep test needs may still come."""
+    def _partners(self, evidence: Evidence, slot_class: str, seeds: tuple[int, ...]) -> bool:
+        """Queue runs of the best on the seeds a candidate ran on (first in line); whether
+        any are still coming (False: the bound is reached, judge with what there is)."""
         tip = self._tip(evidence)
-        key = (tip.sha, slot_class)
-        if tip.val_bpb is None or evidence.commit(*key).n >= self._runs_needed(evidence, slot_class):
-            return False
-        needed = self._runs_needed(evidence, slot_class)
-        return self._measuring(*key) > 0 or self.measured.get(key, 0) < self._measure_bound(needed)
+        coming = False
+        for index in seeds:
+            if self._partner_coming(tip.sha, slot_class, index):
+                coming = True
+            elif self.measurements.may_measure(tip.sha, slot_class, index):
+                self.queue.appendleft(self._measure_task(tip, seed_index=index, slot_class=slot_class))
+                self.measurements.count(tip.sha, slot_class, index)  # counted when queued
+                coming = True
+        return coming
+
+    def _partner_coming(self, sha: str, slot_class: str, index: int) -> bool:
+        if any(sha == commit and cls == slot_class and seed == index
+               for commit, cls, seed in self.measurements.in_flight.values()):
+            return True
+        return any(task.measure and task.parent.sha == sha and task.seed_index == index
+                   and task.slot_class == slot_class for task in self.queue)
 
     def _has_work(self) -> bool:
         return self.outcome.stopped_because is None and bool(
             self.queue or self.n is None or self.outcome.started < (self.n or 0))
 
-    def _next_task(self) -> Task | None:
-        if self.queue:
-            return self.queue.popleft()
+    def _next_task(self, slot: Slot) -> Task | None:
+        for task in self.queue:  # work owed first, on the hardware it is owed on
+            if task.slot_class in (None, slot.slot_class):
+                self.queue.remove(task)
+                return task
         if self.outcome.stopped_because is not None or self.agent is None:
             return None
         if self.n is not None and self.outcome.started >= self.n:
@@ -184,14 +190,17 @@ class Scheduler:
         return Task(choose_parent(self.agent, parents(evidence, self.current.ws.tip())))
 
     def _fill_slots(self) -> None:
-        while free := self.backend.free_slots():
-            evidence = self.current.evidence()
-            measurements = ((slot, self._measurement(slot, evidence)) for slot in free)
-            slot, task = next(((s, t) for s, t in measurements if t), (free[0], None))
-            task = task or self._next_task()
-            if task is None:
-                return
-            self._start(task, slot)
+        """Give every free slot its next run: a measurement owed there, else work owed on
+        its hardware, else a new experiment; stop when no free slot gets anything."""
+        started = True
+        while started:
+            started = False
+            for slot in self.backend.free_slots():
+                task = self._measurement(slot, self.current.evidence()) or self._next_task(slot)
+                if task is not None:
+                    self._start(task, slot)
+                    started = True
+                    break  # the free slots changed: look again
 
     # --- starting ------------------------------------------------------------------------
 
@@ -200,9 +209,8 @@ class Scheduler:
         exp_id = pipeline.open_experiment(current, task, self.agent_name)
         if task.measure or task.sha is not None:
             run = pipeline.checkout(current, exp_id, task, slot.slot_class)
-            if task.measure:
-                key = (run.sha, slot.slot_class)
-                self.measured[key] = self.measured.get(key, 0) + 1
+            if task.measure and task.seed_index is None:  # partners are counted when queued
+                self.measurements.count(run.sha, slot.slot_class)
             self.on_event("start", exp_id=exp_id, index=max(self.outcome.started - 1, 0),
                           total=self.n, description=run.description, sha=run.sha)
             self._run(run, slot)
@@ -234,11 +242,17 @@ class Scheduler:
         self._run(candidate, slot)
 
     def _run(self, candidate: Candidate, slot: Slot) -> None:
-        # Every run gets its own seed (its id): repeated runs of one commit measure the noise.
-        seed = candidate.exp_id
+        # A commit's k-th run on a class gets the workspace's k-th seed: paired with the
+        # best's run k (research/measurements.py); a disturbed run again gets its own.
+        index = candidate.task.seed_index
+        if index is None:
+            index = self.measurements.next_seed(self.current.evidence(), candidate.sha,
+                                                slot.slot_class)
+        seed = run_seed(self.current.ws.branch, index)
+        self.measurements.start(candidate.exp_id, candidate.sha, slot.slot_class, index)
         spec = experiment_spec(self.current, candidate.run_dir, candidate.worktree, seed,
                                device=slot.device)
-        self.current.ledger.update(candidate.exp_id, seed=seed)
+        self.current.ledger.update(candidate.exp_id, seed=seed, seed_index=index)
         self.ticks += 1
         self.started_tick[candidate.exp_id] = self.ticks
         self.running[candidate.exp_id] = candidate
@@ -256,6 +270,9 @@ class Scheduler:
 
     def _finish(self, ended: Ended) -> None:
         candidate = self.running.pop(ended.exp_id)
+        seed_index = self.measurements.end(ended.exp_id)
+        candidate = dataclasses.replace(
+            candidate, task=dataclasses.replace(candidate.task, seed_index=seed_index))
         if ended.result.get("node"):
             self.current.ledger.update(candidate.exp_id, node=str(ended.result["node"])[:200])
         if ended.result.get("status") == "interrupted":  # a lost node: not the code's doing
@@ -288,14 +305,18 @@ class Scheduler:
                 force: bool = False) -> None:
         """Ask decide.next_action what the ended run calls for, and do it."""
         task, evidence = candidate.task, self.current.evidence()
-        limits = self._limits(evidence, candidate.slot_class, force)
-        action = decide.next_action(
-            decide.RunEnd(task.kind, "ok" if disturbed else str(result.get("status")), disturbed,
-                          task.retries,
-                          task.repairs_so_far),
-            evidence.commit(candidate.sha, candidate.slot_class),
-            self._best_for(evidence, candidate.slot_class, limits.best_runs_needed > 0),
-            evidence.noise(candidate.slot_class), self._rule(evidence), limits)
+        ended = decide.RunEnd(task.kind, "ok" if disturbed else str(result.get("status")),
+                              disturbed, task.retries, task.repairs_so_far)
+        mine = evidence.commit(candidate.sha, candidate.slot_class)
+        best = self._best_for(evidence, candidate.slot_class, not force)
+        limits = decide.Limits(self.current.settings.agent.repair_attempts,
+                               self.keep.disturbed_retries, partners=not force)
+        action = decide.next_action(ended, mine, best, self._rule(evidence), limits)
+        if action.kind == decide.WAIT and not self._partners(evidence, candidate.slot_class,
+                                                             action.seeds):
+            best = self._best_for(evidence, candidate.slot_class, False)
+            action = decide.next_action(ended, mine, best, self._rule(evidence),
+                                        dataclasses.replace(limits, partners=False))
         if action.kind == decide.WAIT:
             self.waiting.append(candidate)
             self.on_event("done", exp_id=candidate.exp_id, result=result, action=action.kind,
@@ -310,8 +331,9 @@ class Scheduler:
         self._follow_up(candidate, action, result)
 
     def _best_for(self, evidence: Evidence, slot_class: str, measuring: bool) -> CommitEvidence | None:
-        """The best's runs on `slot_class`; once no more are coming there (a measurement
-        failed), on its main class: a candidate is never kept for want of anything to beat."""
+        """The best's runs on `slot_class`; when it has none there and none are coming (its
+        measurements failed), on its main class: a candidate is never kept for want of
+        anything to beat."""
         on_class = evidence.commit(self.current.ws.tip(), slot_class)
         return on_class if on_class.runs or measuring else evidence.on_class(self.current.ws.tip())
 
@@ -319,34 +341,47 @@ class Scheduler:
         start = evidence.baseline()
         return keeprule.Rule.from_settings(self.keep, start.std if start else None)
 
-    def _limits(self, evidence: Evidence, slot_class: str, force: bool) -> decide.Limits:
-        needed = 0 if force or not self._more_measurement(evidence, slot_class) else \
-            self._runs_needed(evidence, slot_class)
-        return decide.Limits(self.current.settings.agent.repair_attempts,
-                             self.keep.disturbed_retries, needed)
-
     def _follow_up(self, candidate: Candidate, action: decide.Action, result: dict) -> None:
         task = candidate.task
         if action.kind == keeprule.CONFIRM:  # another run of the same commit, first in line
             judged = task.confirms if task.confirms is not None else candidate.exp_id
             runs = len(action.judgement.runs) if action.judgement else 1
             self.queue.appendleft(Task(task.parent, sha=candidate.sha, confirms=judged,
-                                       again_of=candidate.exp_id,
+                                       again_of=candidate.exp_id, slot_class=candidate.slot_class,
                                        description=f"confirm #{judged}: run {runs + 1}"))
         elif action.kind == decide.RERUN:
             if task.measure and not task.requested:
                 return  # the next free slot measures again, within the bound
-            self.queue.appendleft(dataclasses.replace(
+            self.queue.appendleft(dataclasses.replace(  # on the same seed and hardware
                 task, sha=None if task.measure else candidate.sha, again_of=candidate.exp_id,
-                retries=task.retries + 1,
+                retries=task.retries + 1, slot_class=candidate.slot_class,
                 description=f"{_base(candidate.description)} (again: #{candidate.exp_id} was disturbed)"))
         elif action.kind == decide.REPAIR:
+            failed = pipeline.Result(str(result.get("status")), None, result)
             self.queue.append(Task(self._tip(), repair_of=candidate.exp_id,
-                                   failure=pipeline.Result(str(result.get("status")),
-                                                           None, result).failure,
+                                   failure=failed.failure(pipeline.train_py_of(self.current, candidate.sha)),
                                    repairs_so_far=task.repairs_so_far + 1))
+        elif action.kind == decide.RECORD and task.measure:
+            self._check_best_holds(candidate.slot_class)
         if task.kind in NEW_COMMIT_KINDS and action.kind in (keeprule.KEEP, keeprule.DISCARD):
             self._maybe_combine(candidate)
+
+    def _check_best_holds(self, slot_class: str) -> None:
+        """A best is re-judged when it gains runs: once its pairs with its parent no longer
+        support the keep (keeprule.holds), the branch goes back to the parent, and the
+        ledger says why."""
+        evidence = self.current.evidence()
+        tip = self.current.ws.tip()
+        made = evidence.proposer(tip)
+        if made is None or not evidence.is_keep(made) or not made.parent_sha:
+            return
+        shared = pairs(evidence.commit(tip, slot_class), evidence.commit(made.parent_sha, slot_class))
+        reason = keeprule.no_longer_holds(shared, self._rule(evidence))
+        if reason is None:
+            return
+        pipeline.rejudge(self.current, self.guard, made, reason)
+        self.on_event("note", message=f"#{made.id} re-judged: {reason}; the branch is back at "
+                                      f"{made.parent_sha[:7]}")
 
     def _maybe_combine(self, candidate: Candidate) -> None:
         """Two experiments of one parent that both beat it ran at the same time: try both
@@ -357,8 +392,9 @@ class Scheduler:
         mine = evidence.commit(candidate.sha, candidate.slot_class)
         if task.combines is not None or not mine.runs or not parent.runs:
             return
-        beat = keeprule.judge(mine.values, parent.values, evidence.noise(candidate.slot_class),
-                              self._rule(evidence)).verdict == keeprule.KEEP
+        # material for a combination: its runs beat the parent's on the same seeds
+        lax = dataclasses.replace(self._rule(evidence), name="one-run")
+        beat = keeprule.judge(pairs(mine, parent), lax).verdict == keeprule.KEEP
         if not beat:
             return
         winners = self.winners.setdefault(task.parent.sha, [])

@@ -39,10 +39,16 @@ class Session:
     settings: Settings
     ledger: Ledger
     recovered: list[Run] = field(default_factory=list)
+    _evidence: tuple[tuple[int, int], Evidence] | None = field(default=None, repr=False)
 
     def evidence(self) -> Evidence:
-        """What the ledger says now, read as evidence (research/evidence.py)."""
-        return Evidence.load(self.ledger)
+        """What the ledger says now, read as evidence (research/evidence.py). Read again
+        only after a write: this process is the ledger's only writer while it holds the
+        experiment lock (a job that writes it anyway is caught by data_version)."""
+        key = (self.ledger.writes, self.ledger.data_version())
+        if self._evidence is None or self._evidence[0] != key:
+            self._evidence = (key, Evidence.load(self.ledger))
+        return self._evidence[1]
 
     def export(self) -> None:
         """results.tsv, the original's five columns, from the evidence as it stands."""
