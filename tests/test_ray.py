@@ -179,7 +179,7 @@ def worker_processes(cluster) -> list[psutil.Process]:
     for name in list(cluster.nodes):
         for process in cluster.processes(name):
             try:
-                if "autoresearch_cli.worker_process" in " ".join(process.cmdline()):
+                if "autoresearch_cli.backends.worker_process" in " ".join(process.cmdline()):
                     found.append(process)
             except psutil.NoSuchProcess:
                 pass
