@@ -16,7 +16,7 @@ rely on) followed by a script, `-m module` or `-c code`. Anything else is exec'd
 
 What a fresh interpreter has and a fork does not, handled here: the libraries' thread
 counts (OMP_NUM_THREADS was read when torch loaded: torch.set_num_threads applies the
-job's), numpy's global random state (drawn from the OS again, as a new process would),
+job's), torch's and numpy's global random state (drawn again, as a new process draws it),
 tempfile's cached directory (the job's TMPDIR, not the server's), torch._dynamo's debug
 directory (beneath the working directory when it was imported). random reseeds itself
 at fork. Python's hash seed is the server's: only the iteration order of sets of strings
@@ -155,6 +155,8 @@ def _fresh_libraries(env: dict[str, str]) -> None:
     if numpy is not None:
         numpy.random.seed()  # a new process draws its global state from the OS
     torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()  # a new process's generator starts from a seed of its own, not the server's
     threads = env.get("OMP_NUM_THREADS", "")
     if torch is not None and threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))

@@ -56,7 +56,7 @@ class PhaseChannel:
         now = time.monotonic()
         self._taken += len(chunk)
         if not chunk or self._taken >= MAX_BYTES:
-            self.listening = False
+            self.listening = False  # the caller stops polling it, then calls stop()
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         self._partial = self._partial[-16:]
         for line in lines:
@@ -68,6 +68,13 @@ class PhaseChannel:
         latest = max((PHASES.index(seen) for seen in self._seen), default=-1)
         if PHASES.index(name) > latest:
             self._seen[name] = round(now - self._started, 3)
+
+    def stop(self) -> None:
+        """Stop listening: the job's next write fails at once instead of filling the pipe."""
+        self.listening = False
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
 
     def seen(self) -> dict[str, float]:
         """Phase -> seconds after the start at which ar read it."""

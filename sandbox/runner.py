@@ -300,8 +300,10 @@ class _Watch:
                 pass
         if self.channel and self.channel.listening:
             self.channel.read()
-            if not self.channel.listening and self.exit_poller:  # exhausted: no more wake-ups
-                self.exit_poller[1].unregister(self.channel.read_fd)
+            if not self.channel.listening:  # exhausted: no more wake-ups
+                if self.exit_poller:
+                    self.exit_poller[1].unregister(self.channel.read_fd)
+                self.channel.stop()
 
     def _check(self, now: float) -> tuple[str, str, float] | None:
         """(reason, note, grace) when the job must die now, else None."""

@@ -143,7 +143,7 @@ class Runtime:
     @property
     def pid(self) -> int | None:
         """The server's pid while it runs (it outlives every job: it is not one)."""
-        return self._server.pid if self._server is not None and self._server.poll() is None else None
+        return self._server.pid if self._alive() else None
 
     def spawn(self, launcher: list[str], cwd: str, env: dict[str, str],
               stdio: tuple[int, int, int], pass_fds: tuple[int, ...] = ()) -> WarmProcess:  # fmt: skip
@@ -164,27 +164,39 @@ class Runtime:
                     raise WarmUnavailable(self.note) from None
                 finally:
                     theirs.close()
-                return WarmProcess(_read_pid(ours))
+                try:
+                    return WarmProcess(_read_pid(ours))
+                except WarmUnavailable as exc:
+                    if not self._alive():  # it died: the next job starts a new one
+                        self._stop(str(exc))
+                    raise
 
     def prestart(self, env: dict[str, str]) -> None:
         """Start the server for jobs with `env` now, unless it runs already."""
         with self._lock:
             boot = boot_env(env)
-            if self._server is None or self._server.poll() is not None or boot != self._boot:
+            if not self._alive() or boot != self._boot:
                 self._stop("")
                 self._start(boot)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
-        """Wait for a starting server; whether it serves now."""
+        """Wait for the server (started again if it died); whether it serves now."""
         with self._lock:
+            if self._boot is not None and not self._alive():
+                boot = self._boot
+                self._stop("")
+                self._start(boot)
             if self._control is not None and not self._ready:
                 self._check_ready(timeout)
             return self._ready
 
+    def _alive(self) -> bool:
+        return self._server is not None and self._server.poll() is None
+
     def _serving(self, boot: dict[str, str]) -> socket.socket:
         """The control socket of a ready server for `boot`, or WarmUnavailable (and a start)."""
-        if self._server is None or self._server.poll() is not None or boot != self._boot:
-            self._stop(self.note if self._server is None else "")
+        if not self._alive() or boot != self._boot:
+            self._stop("")
             self._start(boot)
         self._check_ready(0)
         if not self._ready:
@@ -194,8 +206,11 @@ class Runtime:
     def _start(self, boot: dict[str, str]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._home = tempfile.mkdtemp(prefix="ar-warm-")
+        # numpy's OpenBLAS would start its threads at import: the server stays one thread,
+        # so that nothing another thread holds is copied locked into a fork (a job's numpy
+        # BLAS then runs on one thread; torch's own threads are the job's, inprocess.py).
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": self._home,
-               "TMPDIR": self._home, **boot}  # fmt: skip
+               "TMPDIR": self._home, "OPENBLAS_NUM_THREADS": "1", **boot}  # fmt: skip
         try:
             # Its own process group (no terminal's Ctrl-C), but ar's session: a job's tree
             # never takes it for one of the job's orphans (proctree.py).
@@ -211,12 +226,16 @@ class Runtime:
             return
         finally:
             theirs.close()
-        self._control, self._boot, self._ready = ours, boot, False
+        self._control, self._boot, self._ready, self.note = ours, boot, False, ""
 
     def _check_ready(self, timeout: float) -> None:
         if self._ready or self._control is None or not _readable(self._control, timeout):
             return
-        if self._control.recv(16) == READY:
+        try:
+            answer = self._control.recv(16)
+        except OSError:
+            answer = b""
+        if answer == READY:
             self._ready = True
             self._server.stderr.close()
             return
@@ -237,12 +256,13 @@ class Runtime:
                 self._server.stderr.close()
         if self._home:
             shutil.rmtree(self._home, ignore_errors=True)
-        self._server = self._control = self._boot = self._home = None
+        self._server = self._control = self._home = None  # _boot stays: wait_ready restarts it
         self._ready = False
 
     def close(self) -> None:
         with self._lock:
             self._stop("")
+            self._boot = None
 
 
 def _is_subreaper() -> bool:
@@ -263,9 +283,12 @@ def _readable(sock: socket.socket, seconds: float) -> bool:
 
 
 def _read_pid(channel: socket.socket) -> int:
-    if not _readable(channel, SPAWN_TIMEOUT_S):
-        raise WarmUnavailable("the warm server did not answer")
-    answer = channel.recv(4096).decode(errors="replace")
+    try:
+        if not _readable(channel, SPAWN_TIMEOUT_S):
+            raise WarmUnavailable("the warm server did not answer")
+        answer = channel.recv(4096).decode(errors="replace")
+    except OSError as exc:
+        raise WarmUnavailable(f"the warm server is gone ({exc})") from None
     word, _, rest = answer.partition(" ")
     if word == "PID" and rest.isdigit():
         return int(rest)

@@ -2,9 +2,10 @@
 
     python -I -m sandbox.zygote --control FD --parent PID     (started by sandbox/warm.py)
 
-The server is trusted and pristine: it imports torch, numpy and tiktoken (what every
-training job and model worker imports, 2-5 s on two cores), freezes that heap, and then
-only ever forks. It never reads a request: for each spawn the runtime sends it the fixed
+The server is trusted and pristine: it imports numpy, torch, torch._dynamo and tiktoken
+(what every training job and model worker imports, 2-5 s on two cores), freezes that
+heap, checks that it is one thread (a fork copies other threads' locks as they are), and
+then only ever forks. It never reads a request: for each spawn the runtime sends it the fixed
 message SPWN and one descriptor, the child's end of a fresh socketpair; the server forks
 an intermediate process, which forks the child and exits at once, so that the child is
 re-parented to the runtime's process (a child subreaper while it runs a job: runner.py)
@@ -199,6 +200,9 @@ def _preload() -> None:
             continue
     gc.collect()
     gc.freeze()  # children's collections then never touch (and copy) the server's pages
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # a fork copies another thread's locks as they are: refuse to serve
+        raise SystemExit(f"the warm server has {threads} threads after its imports, not one")
 
 
 def main(argv: list[str] | None = None) -> int:
