@@ -275,6 +275,7 @@ def log(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show only the last N experiments.", min=1)] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the progress chart to this PNG file.")] = None,
+    timing: Annotated[bool, typer.Option("--timing", help="Where each run's wall time went.")] = False,
 ) -> None:
     """Show the experiments recorded in the ledger (read-only: safe beside a running ar)."""
     import json
@@ -294,6 +295,9 @@ def log(
             from autoresearch_cli.plot import plot_progress
 
             typer.echo(f"wrote {plot_progress(evidence, plot)}", err=True)
+        if timing:
+            _log_timing(evidence.runs[-limit:] if limit else evidence.runs, as_json)
+            return
         if as_json:
             payload = report.best_chain(evidence) if best else report.json_rows(evidence, limit)
             typer.echo(json.dumps(payload, indent=2, default=str))
@@ -306,6 +310,21 @@ def log(
     typer.echo(report.summary_text(report.summary(evidence, cost)))
     for line in report.noise_lines(evidence):
         typer.echo(line)
+
+
+def _log_timing(runs, as_json: bool) -> None:
+    import json
+
+    from rich.console import Console
+
+    from autoresearch_cli import walltime
+
+    rows = walltime.timing_rows(runs)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    Console().print(walltime.render_timing(rows))
+    typer.echo(walltime.timing_summary(rows))
 
 
 @app.command()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandbox import confine, phases, warm
+from sandbox import compilecache, confine, phases, warm
 from sandbox.cpu import (
     ISA_ENV_VARS,
     QUIET_WAIT_POLICY,
@@ -42,7 +42,7 @@ SUMMARY_KEYS = ("num_steps", "mfu_percent", "total_tokens_M", "num_params_M", "d
 SUMMARY_LINE = re.compile(r"^([a-zA-Z_]+):\s+(-?[0-9.]+)\s*$")
 EVAL_DATA_FILES = ("val.bin", "holdout.bin", "token_bytes.npy", "manifest.json")
 TRAINING_DATA_FILES = ("train.bin", "tokenizer.pkl")  # all the training job may read of the data
-SCORER_WARM_WAIT_S = 60.0  # for a warm server still starting when the scorer is due
+WARM_WAIT_S = 60.0  # for a warm server still starting (it takes what a cold start takes)
 # A CPU plan is reused, without sampling the load again (0.5 s), this long after a run in
 # this process that had its cores to itself all along (share.py) on all of them.
 QUIET_REUSE_S = 120.0
@@ -141,10 +141,10 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
         "AR_DATA_DIR": str(data_dir.resolve()), "AR_OUTPUT_DIR": str(out_dir.resolve()),
         "AR_TIME_BUDGET": str(spec.time_budget), "AR_DEVICE": device, "AR_SEED": str(spec.seed),
         "HOME": str(tmp_dir.resolve()), "TMPDIR": str(tmp_dir.resolve()),
-        "TORCHINDUCTOR_CACHE_DIR": str((tmp_dir / "inductor").resolve()),
-        "TRITON_CACHE_DIR": str((tmp_dir / "triton").resolve()), **cpu.env,
+        **compilecache.cache_env((tmp_dir / "compile").resolve()), **cpu.env,
     })  # fmt: skip
     runtime = _warm_runtime(device, env)
+    served = time.monotonic()
     result = ExperimentResult(device=device, seed=spec.seed, cpu=cpu.as_record())
     make_eval_data_read_only(data_dir)
     data_digest = eval_data_digest(data_dir)
@@ -195,7 +195,8 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
         result.status, result.reason = _score(spec, run_dir, device, cpu.env, result, runtime)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     result.total_seconds = round(time.monotonic() - begun, 2)
-    result.timing = _timing(train, planned - begun, result)
+    before = {"plan": planned - begun, "server": served - planned}
+    result.timing = _timing(train, before, result)
     _remember_plan(device, cpu, result.cpu_share)
     if result.status != "ok":
         result.val_bpb = result.holdout_bpb = None
@@ -233,25 +234,28 @@ def prestart_warm(device: str = "auto") -> None:
 
 
 def _warm_runtime(device: str, env: dict[str, str]) -> warm.Runtime | None:
-    """This process's warm runtime, its server starting for jobs with `env` (the training
-    job starts warm if it is ready by then, the scorer waits for it); None: cold."""
+    """This process's warm runtime, its server ready for jobs with `env`; None: cold. A
+    server still starting is waited for: a cold job would import what it is importing,
+    and both would share the cores meanwhile."""
     if not warm.wanted(device == "cuda"):
         return None
     runtime = warm.runtime()
     runtime.prestart(env)
+    runtime.wait_ready(WARM_WAIT_S)
     return runtime
 
 
-def _timing(train: RunResult, plan_seconds: float, result: ExperimentResult) -> dict:
-    """Where the run's wall time went, on ar's clock (sandbox/phases.py): the CPU plan, the
-    training job's phases as it reported them (untrusted, bounded by the hard kill), the
-    scorer's fixed part and its arithmetic (the batches), and what was left (ar's own)."""
+def _timing(train: RunResult, before: dict[str, float], result: ExperimentResult) -> dict:
+    """Where the run's wall time went, on ar's clock (sandbox/phases.py): what came before
+    the job (the CPU plan, waiting for the warm server), the training job's phases as it reported
+    them (untrusted, bounded by the hard kill), the scorer's fixed part and its arithmetic
+    (the batches), and what was left (the sandbox's own)."""
     spans = phases.durations(train.phases or {}, train.wall_seconds)
     score = result.eval_seconds or 0.0
     arithmetic = (result.eval_timing or {}).get("scoring")
-    accounted = plan_seconds + train.wall_seconds + score
+    accounted = sum(before.values()) + train.wall_seconds + score
     return {
-        "plan": round(plan_seconds, 3), **spans, "score": score,
+        **{name: round(seconds, 3) for name, seconds in before.items()}, **spans, "score": score,
         "score_arithmetic": arithmetic,
         "score_fixed": round(score - arithmetic, 3) if arithmetic is not None else None,
         "other": round(max(0.0, (result.total_seconds or 0.0) - accounted), 3),
@@ -294,7 +298,7 @@ def _score(spec: ExperimentSpec, run_dir: Path, device: str, cpu_env: dict[str, 
     eval_json.unlink(missing_ok=True)
     home = Path(tempfile.mkdtemp(prefix="ar-score-"))
     started = time.monotonic()
-    warm_scorer = runtime is not None and runtime.wait_ready(SCORER_WARM_WAIT_S)
+    warm_scorer = runtime is not None and runtime.wait_ready(WARM_WAIT_S)
     command = scorer_command(spec, run_dir, device, warm_scorer and device == "cpu" and spec.confine)
     try:
         # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
