@@ -282,8 +282,8 @@ def log(
 
     from rich.console import Console
 
-    from autoresearch_cli import report
     from autoresearch_cli.doors.ledger import Ledger
+    from autoresearch_cli.report import log as shown
     from autoresearch_cli.research.evidence import Evidence
 
     with _run():
@@ -292,23 +292,23 @@ def log(
             evidence = Evidence.load(ledger)
             cost = ledger.total_cost()
         if plot is not None:
-            from autoresearch_cli.plot import plot_progress
+            from autoresearch_cli.report.plot import plot_progress
 
             typer.echo(f"wrote {plot_progress(evidence, plot)}", err=True)
         if timing:
             _log_timing(evidence.runs[-limit:] if limit else evidence.runs, as_json)
             return
         if as_json:
-            payload = report.best_chain(evidence) if best else report.json_rows(evidence, limit)
+            payload = shown.best_chain(evidence) if best else shown.json_rows(evidence, limit)
             typer.echo(json.dumps(payload, indent=2, default=str))
             return
     console = Console()
     if best:
-        console.print(report.render_best_chain(report.best_chain(evidence)))
+        console.print(shown.render_best_chain(shown.best_chain(evidence)))
     else:
-        console.print(report.render_table(report.table_rows(evidence, limit)))
-    typer.echo(report.summary_text(report.summary(evidence, cost)))
-    for line in report.noise_lines(evidence):
+        console.print(shown.render_table(shown.table_rows(evidence, limit)))
+    typer.echo(shown.summary_text(shown.summary(evidence, cost)))
+    for line in shown.noise_lines(evidence):
         typer.echo(line)
 
 
@@ -317,7 +317,7 @@ def _log_timing(runs, as_json: bool) -> None:
 
     from rich.console import Console
 
-    from autoresearch_cli import walltime
+    from autoresearch_cli.report import walltime
 
     rows = walltime.timing_rows(runs)
     if as_json:
@@ -325,6 +325,112 @@ def _log_timing(runs, as_json: bool) -> None:
         return
     Console().print(walltime.render_timing(rows))
     typer.echo(walltime.timing_summary(rows))
+
+
+@app.command()
+def report(
+    out: Annotated[Path | None, typer.Option(help="The HTML page to write (default .ar/report/report.html); the Markdown summary goes beside it (.md).")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the page live on 127.0.0.1 instead, refreshed while ar iterate runs.")] = False,
+    port: Annotated[int, typer.Option(help="With --serve: the port (0: a free one).", min=0, max=65535)] = 0,
+) -> None:
+    """Write what the research found: one self-contained HTML page and a Markdown summary
+    for a pull request (read-only: safe beside a running ar)."""
+    from autoresearch_cli.report import write
+
+    with _run("stopped"):
+        ws = _workspace()
+        if serve:
+            _serve(ws, port)
+            return
+        html_path, md_path = write.write(ws, out)
+    typer.echo(f"wrote {html_path}")
+    typer.echo(f"wrote {md_path} (for a pull request's description)")
+
+
+def _serve(ws, port: int) -> None:
+    from autoresearch_cli.report.serve import open_server
+
+    server, live, url = open_server(ws, port)
+    typer.echo(f"serving the live report at {url} (Ctrl-C stops it)", err=True)
+    typer.echo(url)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        return  # the way to stop a server: not an error
+    finally:
+        server.server_close()
+        live.ledger.close()
+
+
+RunsOption = Annotated[int, typer.Option(
+    help="Paired runs per commit, on seed indices 0..N-1 (two or more give an interval).", min=1)]
+
+
+def _study(command: str, plan_for, backend: str, workers: int | None, address: str | None,
+           allowed: bool):
+    """Plan a study in a session (`plan_for(session)` -> studies.Plan), run it, and return
+    the evidence after it."""
+    from autoresearch_cli.research import loop
+
+    _check_backend(backend, address)
+    with _run("interrupted: the running jobs were killed and their runs marked interrupted"):
+        with _session(command) as current:
+            _report_recovered(current)
+            _check_confinement(current, model_backed=False, allowed=allowed)
+            plan = plan_for(current)
+            for step, why in plan.skipped:
+                typer.secho(f"#{step.id} not ablated: {why}", fg=typer.colors.YELLOW, err=True)
+            with _display(current) as display:
+                loop.study(current, plan, display, backend=backend, workers=workers,
+                           address=address)
+            return current.evidence()
+
+
+@app.command()
+def ablate(
+    runs: RunsOption = 3,
+    backend: BackendOption = "local",
+    workers: WorkersOption = None,
+    address: AddressOption = None,
+    unsafe_unconfined: UnconfinedOption = False,
+) -> None:
+    """Run the best without each kept step in turn, paired with the best on the same seeds,
+    and show which steps carry the gain."""
+    from rich.console import Console
+
+    from autoresearch_cli.report.log import render_ablations
+    from autoresearch_cli.research import findings, studies
+
+    evidence = _study("ar ablate", lambda current: studies.plan_ablation(current, runs),
+                      backend, workers, address, unsafe_unconfined)
+    Console().print(render_ablations(findings.ablations(evidence)))
+
+
+@app.command()
+def transfer(
+    budget_factor: Annotated[float, typer.Option("--budget-factor", help="Train for this many times the profile's budget.", min=0.01)],
+    runs: RunsOption = 3,
+    backend: BackendOption = "local",
+    workers: WorkersOption = None,
+    address: AddressOption = None,
+    unsafe_unconfined: UnconfinedOption = False,
+) -> None:
+    """Run the baseline and the best at K times the budget, paired, and say whether the
+    gain holds, shrinks or grows."""
+    from rich.console import Console
+
+    from autoresearch_cli.report.log import render_transfers
+    from autoresearch_cli.research import findings, studies
+
+    planned: dict[str, str] = {}
+
+    def plan_for(current):
+        plan, planned["class"] = studies.plan_transfer(current, budget_factor, runs)
+        return plan
+
+    evidence = _study("ar transfer", plan_for, backend, workers, address, unsafe_unconfined)
+    Console().print(render_transfers([found for found in findings.transfers(evidence)
+                                      if found.slot_class == planned["class"]]))
 
 
 @app.command()

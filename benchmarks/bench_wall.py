@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoresearch_cli import walltime  # noqa: E402
 from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
 from autoresearch_cli.doors import workspace  # noqa: E402
 from autoresearch_cli.doors.config import with_keep  # noqa: E402
 from autoresearch_cli.doors.data import prepare_data  # noqa: E402
+from autoresearch_cli.report import walltime  # noqa: E402
 from autoresearch_cli.research import loop  # noqa: E402
 from autoresearch_cli.research import session as runs  # noqa: E402
 

@@ -10,11 +10,11 @@ import statistics
 
 import pytest
 
-from autoresearch_cli import report
 from autoresearch_cli.agents.prompt import history_section
 from autoresearch_cli.display import Display
 from autoresearch_cli.doors.ledger import Ledger
-from autoresearch_cli.plot import plot_data
+from autoresearch_cli.report import log as report
+from autoresearch_cli.report.plot import plot_data
 from autoresearch_cli.research.evidence import Evidence, outcome
 from autoresearch_cli.research.export import tsv_lines
 from autoresearch_cli.research.history import history, parents
@@ -97,6 +97,13 @@ def test_every_view_names_the_same_best_with_the_same_mean(ws_ledger, micro_ws, 
     assert drawn.best_sha == SHA["b"] and drawn.best_mean == pytest.approx(mean)
     assert drawn.best_line[-1][1] == pytest.approx(mean)
     assert [p.kind for p in drawn.commits] == ["baseline", "keep", "other", "keep"]
+    # the report (ar report): the same best, its mean, the same gain
+    from autoresearch_cli.report.facts import build
+
+    told_report = build(evidence, ledger.total_cost())
+    assert told_report.val.best.sha == SHA["b"] and told_report.val.best.mean == pytest.approx(mean)
+    assert told_report.val.gain.value == pytest.approx(facts["improvement"])
+    assert [step.row["commit"] for step in told_report.steps] == [SHA["b"][:7]]
     # the live view
     with Display(live=False, standing=lambda: (evidence.baseline(), evidence.best())) as shown:
         assert f"best {mean:.6f}" in shown.status_line() and "(4 runs)" in shown.status_line()

@@ -4,10 +4,10 @@ import sys
 import pytest
 from rich.console import Console
 
-from autoresearch_cli import report
 from autoresearch_cli.doors.ledger import Ledger
 from autoresearch_cli.errors import ArError
-from autoresearch_cli.plot import plot_progress
+from autoresearch_cli.report import log as report
+from autoresearch_cli.report.plot import plot_progress
 from autoresearch_cli.research.evidence import Evidence, outcome
 
 SHA = {name: name * 40 for name in "abcdefg"}

@@ -294,14 +294,17 @@ def test_a_result_waits_for_the_new_tip_to_be_measured_on_its_class(session):
     session.ledger.finish(exp_id, "ok", ok(1.5), sha=base, slot_class=GPU.slot_class)
     pool = ScriptedWorkers([SLOTS[0], GPU], {0.05: ok(1.9), 0.06: ok(1.95)},
                            pick="first", offsets={"cuda:H100": -0.5})
-    schedule(session, ScriptedAgent([0.05, 0.06]), 2, pool)
+    events = []
+    schedule(session, ScriptedAgent([0.05, 0.06]), 2, pool, events)
     a, b, measured, combined = rows(session)[2:]
     assert a["decision"] == "keep" and a["slot_class"] == "cpu:1"
     assert measured["kind"] == "remeasure" and measured["sha"] == a["sha"]  # a run of the best
     assert combined["kind"] == "combination"  # B beat its parent too, at the same time
     assert (measured["slot_class"], measured["val_bpb"]) == ("cuda:H100", 1.4)
     assert (b["slot_class"], b["val_bpb"], b["decision"]) == ("cuda:H100", 1.45, "discard")
-    assert b["finished_at"] >= measured["finished_at"]
+    done = [(d["exp_id"], d["action"]) for kind, d in events if kind == "done"]
+    measured_done = next(i for i, (exp_id, _) in enumerate(done) if exp_id == measured["id"])
+    assert done.index((b["id"], "discard")) > measured_done  # judged once the measure is in
     assert gitops.rev_parse(root, "autoresearch/test") == a["sha"]
 
 

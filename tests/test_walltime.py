@@ -1,4 +1,4 @@
-"""`ar log --timing`: where each run's wall time went (autoresearch_cli/walltime.py)."""
+"""`ar log --timing`: where each run's wall time went (autoresearch_cli/report/walltime.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 from rich.console import Console
 
-from autoresearch_cli import walltime
 from autoresearch_cli.doors.ledger import Ledger
 from autoresearch_cli.doors.records import Run
+from autoresearch_cli.report import walltime
 
 TIMING = {"plan": 0.5, "server": 0.0, "start": 0.09, "warmup": 0.33,
           "train": 60.2, "save": 0.18, "score": 6.1, "score_arithmetic": 5.4,

@@ -127,6 +127,29 @@ def merge_file(base: str, ours: str, theirs: str) -> tuple[str, int]:
     return merged, status
 
 
+def diff(repo: Path, old_sha: str, new_sha: str, relpath: str = "train.py") -> str:
+    """The unified diff of `relpath` from `old_sha` to `new_sha` (empty when the same)."""
+    return git(repo, "diff", "--no-color", "--no-ext-diff", old_sha, new_sha, "--", relpath)
+
+
+COMMIT_MARK = "@@ar-commit "  # starts each commit's part of `git show`'s output below
+
+
+def own_diffs(repo: Path, shas: list[str], relpath: str = "train.py") -> dict[str, tuple[str, str]]:
+    """Each commit's diff of `relpath` against its first parent, in one git call:
+    {sha: (parent sha, diff)} (a root commit has parent "")."""
+    if not shas:
+        return {}
+    out = git(repo, "show", "--no-color", "--no-ext-diff", "--first-parent", "-p",
+              f"--format={COMMIT_MARK}%H %P", *shas, "--", relpath)
+    found = {}
+    for part in out.split(COMMIT_MARK)[1:]:
+        head, _, body = part.partition("\n")
+        sha, *parents = head.split()
+        found[sha] = (parents[0] if parents else "", body.strip("\n"))
+    return found
+
+
 def changed_files(repo: Path, old_sha: str, new_sha: str) -> list[str]:
     out = git(repo, "diff", "--name-only", old_sha, new_sha)
     return [line for line in out.splitlines() if line]

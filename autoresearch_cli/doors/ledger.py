@@ -114,6 +114,8 @@ class CostTotal(NamedTuple):
     usd: float
     calls: int
     unpriced: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 def now() -> str:
@@ -428,8 +430,11 @@ class Ledger:
 
     def total_cost(self) -> CostTotal:
         row = self._rows("SELECT COALESCE(SUM(cost_usd), 0.0) AS usd, COUNT(*) AS calls, "
-                         "COUNT(*) - COUNT(cost_usd) AS unpriced FROM llm_calls")[0]
-        return CostTotal(float(row["usd"]), int(row["calls"]), int(row["unpriced"]))
+                         "COUNT(*) - COUNT(cost_usd) AS unpriced, "
+                         "COALESCE(SUM(prompt_tokens), 0) AS prompt, "
+                         "COALESCE(SUM(completion_tokens), 0) AS completion FROM llm_calls")[0]
+        return CostTotal(float(row["usd"]), int(row["calls"]), int(row["unpriced"]),
+                         int(row["prompt"]), int(row["completion"]))
 
     def add_event(self, kind: str, sha: str | None, detail: str | None = None) -> int:
         """Record an event; a `revert` or `rejudged` to a sha makes that commit the best."""

@@ -14,10 +14,16 @@ from typing import Any
 
 # baseline: a run of the branch tip before any experiment; experiment, repair,
 # combination: a new commit; confirmation: another run of a candidate the keep test could
-# not decide yet; remeasure: another run of the best (or the baseline), for a mean.
-KINDS = ("baseline", "experiment", "repair", "combination", "confirmation", "remeasure")
+# not decide yet; remeasure: another run of the best (or the baseline), for a mean;
+# ablation: the best with one kept step reverted (`ar ablate`); transfer: the baseline or
+# the best at a multiple of the budget (`ar transfer`).
+KINDS = ("baseline", "experiment", "repair", "combination", "confirmation", "remeasure",
+         "ablation", "transfer")
 NEW_COMMIT_KINDS = ("experiment", "repair", "combination")  # the runs that propose a change
 MEASURE_KINDS = ("baseline", "remeasure")  # runs of a commit that is already on the branch
+# Runs that study the research done (`ar ablate`, `ar transfer`): they add evidence and
+# never decide anything, whatever they score.
+STUDY_KINDS = ("ablation", "transfer")
 # disturbed: the run got well under its share of the machine; it is run again, never judged.
 STATUSES = ("proposing", "running", "evaluating", "ok", "crash", "timeout", "oom", "invalid",
             "interrupted", "disturbed")
@@ -26,6 +32,36 @@ FAILED = ("crash", "timeout", "oom")  # the run trained and failed: the agent ma
 DECISIONS = ("keep", "discard", None)
 # Events that move the research branch; the latest one names its tip.
 BRANCH_MOVES = ("keep", "revert", "rejudged")
+# An `ablation` event names a commit made by reverting one kept step from the best
+# (detail: "experiment #<step> removed from <best sha>"), or a step that would not revert
+# (no sha; detail: "experiment #<step> not removed from <best sha>: <why>").
+STUDY_EVENTS = ("ablation",)
+
+
+def budget_class(slot_class: str, seconds: float) -> str:
+    """The class of runs on `slot_class` hardware at a budget other than the profile's
+    (`cpu:2@120s`): their scores are never compared with the profile's."""
+    return f"{slot_class}@{seconds:g}s"
+
+
+def hardware_of(slot_class: str | None) -> str | None:
+    """The hardware part of a class (`cpu:2@120s` -> `cpu:2`)."""
+    return slot_class.split("@", 1)[0] if slot_class else slot_class
+
+
+def budget_of(slot_class: str | None) -> float | None:
+    """The budget a class names (`cpu:2@120s` -> 120.0), None for the profile's."""
+    if not slot_class or "@" not in slot_class:
+        return None
+    try:
+        return float(slot_class.rsplit("@", 1)[1].removesuffix("s"))
+    except ValueError:
+        return None
+
+
+def at_other_budget(slot_class: str | None) -> bool:
+    """Whether a class names a budget other than the profile's (a transfer's runs)."""
+    return bool(slot_class) and "@" in slot_class  # type: ignore[operator]
 
 
 def _json(text: str | None) -> Any:

@@ -12,8 +12,9 @@ returns one of
   by `repair_attempts`;
 - WAIT: the best has not run yet on some seed the candidate ran on (its partner): those
   runs first (`seeds`), then judge;
-- RECORD: a measurement of a commit already on the branch (baseline, re-measure): it only
-  adds evidence;
+- RECORD: a measurement of a commit already on the branch (baseline, re-measure), or a
+  run that studies the research (ablation, transfer): it only adds evidence, never a
+  verdict;
 - DONE: nothing more to do for it (an invalid proposal, a failure with no repair left, a
   disturbed run out of retries).
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from autoresearch_cli.doors.records import MEASURE_KINDS
+from autoresearch_cli.doors.records import MEASURE_KINDS, STUDY_KINDS
 from autoresearch_cli.research.evidence import CommitEvidence, failed, missing_partners, pairs
 from autoresearch_cli.research.keeprule import (
     CONFIRM,
@@ -44,7 +45,7 @@ ACTIONS = (KEEP, DISCARD, CONFIRM, RERUN, REPAIR, WAIT, RECORD, DONE)
 class RunEnd:
     """A run as the scheduler saw it end, after ar's own checks."""
 
-    kind: str  # baseline | remeasure | experiment | repair | combination | confirmation
+    kind: str  # records.KINDS: baseline, remeasure, experiment, ..., ablation, transfer
     status: str  # ok, crash, timeout, oom, invalid (tampering found by ar included)
     disturbed: str | None = None  # why it got too little of the machine, if it did
     retries: int = 0  # disturbed runs before this one in its chain
@@ -74,6 +75,8 @@ def next_action(ended: RunEnd, candidate: CommitEvidence | None, best: CommitEvi
         return _disturbed(ended, limits)
     if ended.kind in MEASURE_KINDS:
         return Action(RECORD, "a measurement of a commit on the branch")
+    if ended.kind in STUDY_KINDS:  # never judged: an ablation beating the best keeps nothing
+        return Action(RECORD, f"an {ended.kind} run: evidence for the report, never a verdict")
     if ended.status != "ok" or candidate is None or not candidate.runs:
         return _not_scored(ended, limits)
     missing = missing_partners(candidate, best)

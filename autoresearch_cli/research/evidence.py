@@ -10,7 +10,10 @@ interval. `Evidence` is the whole ledger seen that way, and defines, once:
 - **kept**: a new commit whose experiment was decided `keep`; the baseline is the start
   of the record, not a keep;
 - **failed**: a run that trained and failed (crash, timeout, oom): a repair may follow;
-- **outcome**: the one word `ar log`, the plot, the live view and the prompt show.
+- **outcome**: the one word `ar log`, the plot, the live view and the prompt show;
+- **the holdout view** of a commit (its runs scored on the holdout split, never used for a
+  decision), **ablations** (what each kept step carries of the gain) and **transfers**
+  (the gain at another budget): what `ar report` shows.
 
 The keep rule, `ar log` (table, --best, --json, the summary line), the plot, the live view,
 results.tsv and the llm prompt all ask this module, so "the best" means one thing
@@ -19,11 +22,13 @@ everywhere. Nothing here writes: build an Evidence from a ledger's rows, read it
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
+from statistics import NormalDist
 
 from autoresearch_cli.doors.records import (
     BRANCH_MOVES,
@@ -31,8 +36,11 @@ from autoresearch_cli.doors.records import (
     IN_FLIGHT,
     MEASURE_KINDS,
     NEW_COMMIT_KINDS,
+    STUDY_EVENTS,
+    STUDY_KINDS,
     Event,
     Run,
+    at_other_budget,
 )
 from autoresearch_cli.research.keeprule import Noise, noise
 
@@ -53,19 +61,22 @@ def outcome(run: Run) -> str:
     pending (waiting for a confirmation run), ok (not decided), or its status."""
     if run.status != "ok":
         return run.status
-    if run.kind in MEASURE_KINDS or run.kind == "confirmation":
+    if run.kind in MEASURE_KINDS or run.kind in STUDY_KINDS or run.kind == "confirmation":
         return run.kind
     if run.decision is None:
         return "pending" if run.evidence else "ok"
     return run.decision
 
 
+@functools.lru_cache(maxsize=256)  # a ledger asks for few df, and each costs scipy ~0.4 ms
 def t_quantile(df: int | None, confidence: float = CONFIDENCE) -> float:
     """The two-sided Student t quantile (normal when df is unknown or large)."""
-    from scipy.stats import norm, t
-
     upper = 1 - (1 - confidence) / 2
-    return float(t.ppf(upper, df)) if df else float(norm.ppf(upper))
+    if not df:
+        return NormalDist().inv_cdf(upper)
+    from scipy.special import stdtrit  # not scipy.stats: a fifth of its import time
+
+    return float(stdtrit(df, upper))
 
 
 @dataclass(frozen=True)
@@ -76,10 +87,11 @@ class CommitEvidence:
     slot_class: str | None
     runs: tuple[Run, ...]  # scored runs on slot_class, oldest first
     noise: Noise = Noise(None, 0, 0)  # the class's measured noise, for the interval
+    metric: str = "val_bpb"  # the split its values come from (holdout_bpb: `holdout`)
 
     @property
     def values(self) -> tuple[float, ...]:
-        return tuple(run.val_bpb for run in self.runs)  # type: ignore[misc]
+        return tuple(getattr(run, self.metric) for run in self.runs)
 
     @property
     def n(self) -> int:
@@ -96,7 +108,7 @@ class CommitEvidence:
         indexed: dict[int, float] = {}
         for position, run in enumerate(self.runs):
             index = run.seed_index if run.seed_index is not None else position
-            indexed.setdefault(index, run.val_bpb)  # type: ignore[arg-type]
+            indexed.setdefault(index, getattr(run, self.metric))
         return indexed
 
     @property
@@ -126,6 +138,18 @@ class CommitEvidence:
             return "no scored run"
         spread = f" ± {self.half_width:.4f}" if self.half_width is not None else ""
         return f"{self.mean:.6f}{spread} ({self.n} run{'s' * (self.n != 1)})"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def holdout(commit: CommitEvidence, measured: Noise) -> CommitEvidence:
+    """The same commit scored on the holdout split (its runs that have a holdout score,
+    `measured` the holdout's noise on its class). No decision ever reads it, so the
+    distance between a val gain and its holdout gain is the selection's optimism."""
+    runs = tuple(run for run in commit.runs if _finite(run.holdout_bpb))
+    return CommitEvidence(commit.sha, commit.slot_class, runs, measured, "holdout_bpb")
 
 
 @dataclass(frozen=True)
@@ -192,7 +216,8 @@ class Evidence:
     @classmethod
     def load(cls, ledger) -> Evidence:
         """Everything a ledger holds (doors/ledger.Ledger), at this moment."""
-        return cls(ledger.runs(), [e for e in ledger.events() if e.kind in BRANCH_MOVES])
+        kinds = BRANCH_MOVES + STUDY_EVENTS
+        return cls(ledger.runs(), [e for e in ledger.events() if e.kind in kinds])
 
     # --- indexes ---------------------------------------------------------------------
 
@@ -210,9 +235,17 @@ class Evidence:
 
     @cached_property
     def _noise(self) -> dict[str | None, Noise]:
+        return self._pooled("val_bpb")
+
+    @cached_property
+    def _holdout_noise(self) -> dict[str | None, Noise]:
+        return self._pooled("holdout_bpb")
+
+    def _pooled(self, metric: str) -> dict[str | None, Noise]:
         groups: dict[str | None, list[list[float]]] = defaultdict(list)
         for (_, slot_class), runs in self._scored.items():
-            groups[slot_class].append([run.val_bpb for run in runs])  # type: ignore[misc]
+            groups[slot_class].append([getattr(run, metric) for run in runs
+                                       if _finite(getattr(run, metric))])
         return {slot_class: noise(values) for slot_class, values in groups.items()}
 
     def run(self, experiment_id: int) -> Run:
@@ -232,9 +265,11 @@ class Evidence:
         return CommitEvidence(sha, slot_class, runs, self.noise(slot_class))
 
     def main_class(self, sha: str) -> str | None:
-        """The class with the most scored runs of `sha` (the earliest on a tie)."""
+        """The class with the most scored runs of `sha` (the earliest on a tie), at the
+        profile's budget: runs at another budget (`ar transfer`) never stand for a commit."""
         counts = [(len(runs), -runs[0].id, slot_class)
-                  for (commit, slot_class), runs in self._scored.items() if commit == sha]
+                  for (commit, slot_class), runs in self._scored.items()
+                  if commit == sha and not at_other_budget(slot_class)]
         return max(counts)[2] if counts else None
 
     def on_class(self, sha: str | None, slot_class: str | None = None) -> CommitEvidence | None:
@@ -326,6 +361,17 @@ class Evidence:
         """Baseline -> best, on the best's class."""
         best, start = self.best(slot_class), self.baseline(slot_class)
         return gain(start, best) if best and start else None
+
+    def holdout(self, commit: CommitEvidence) -> CommitEvidence:
+        """`commit` scored on the holdout split, with the holdout's noise on its class."""
+        return holdout(commit, self._holdout_noise.get(commit.slot_class, Noise(None, 0, 0)))
+
+    def holdout_gain(self, slot_class: str | None = None) -> Gain | None:
+        """Baseline -> best on the holdout split, on the same runs as `gain`."""
+        best, start = self.best(slot_class), self.baseline(slot_class)
+        if not best or not start:
+            return None
+        return gain(self.holdout(start), self.holdout(best))
 
     def counts(self) -> dict[str, int]:
         """How many runs ended each way (outcome words)."""

@@ -1,4 +1,5 @@
-"""The research commands' cores: `ar iterate`, `ar baseline` and `ar revert`.
+"""The research commands' cores: `ar iterate`, `ar baseline`, `ar revert`, and the
+studies of what was found (`ar ablate`, `ar transfer`: research/studies.py plans them).
 
 Every training goes through a backend (backends/), baseline runs included, so each
 command works the same on this machine and on a cluster.
@@ -14,6 +15,7 @@ from autoresearch_cli.backends.base import Backend
 from autoresearch_cli.doors import gitops
 from autoresearch_cli.doors.data import prepare_data, read_manifest
 from autoresearch_cli.errors import ArError
+from autoresearch_cli.research import studies
 from autoresearch_cli.research.evidence import CommitEvidence
 from autoresearch_cli.research.scheduler import Events, Outcome, Scheduler
 from autoresearch_cli.research.session import Session, quiet, require_data
@@ -62,6 +64,18 @@ def baseline(current: Session, repeat: int, on_event: Events = quiet, backend: s
         pool.close()
     tip = current.ws.tip()
     return BaselineSummary(tip, repeat, current.evidence().on_class(tip))
+
+
+def study(current: Session, plan: studies.Plan, on_event: Events = quiet, backend: str = "local",
+          workers: int | None = None, address: str | None = None) -> None:
+    """Run a study's planned runs (an ablation, a transfer) through `backend`."""
+    if not plan.tasks:
+        return
+    pool = connect(current, backend, workers, address)
+    try:
+        studies.run_plan(current, pool, plan, on_event)
+    finally:
+        pool.close()
 
 
 def revert(current: Session, sha: str) -> tuple[str, str]:

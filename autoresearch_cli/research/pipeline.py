@@ -30,7 +30,7 @@ from autoresearch_cli.agents.base import (
     ProposalError,
 )
 from autoresearch_cli.doors import gitops
-from autoresearch_cli.doors.records import Run
+from autoresearch_cli.doors.records import Run, budget_class
 from autoresearch_cli.doors.text import one_line, printable, unicode_safe
 from autoresearch_cli.research import history as history_of
 from autoresearch_cli.research.evidence import failed
@@ -137,9 +137,13 @@ class Task:
     requested: bool = False  # a measurement the user asked for (`ar baseline --repeat`)
     seed_index: int | None = None  # which of the workspace's seeds (None: the next free one)
     slot_class: str | None = None  # the hardware it must run on (None: any free slot)
+    study: str | None = None  # ablation | transfer: a run of `sha` for evidence, never judged
+    time_budget: float | None = None  # training seconds (None: the profile's budget)
 
     @property
     def kind(self) -> str:
+        if self.study is not None:
+            return self.study
         if self.measure:
             return "remeasure" if self.remeasure else "baseline"
         if self.confirms is not None:
@@ -147,6 +151,11 @@ class Task:
         if self.combines is not None:
             return "combination"
         return "repair" if self.repair_of is not None else "experiment"
+
+    def run_class(self, hardware: str) -> str:
+        """The class its run is recorded on: the slot's hardware, and the budget when it is
+        not the profile's (so that such runs never mix with the rest)."""
+        return hardware if self.time_budget is None else budget_class(hardware, self.time_budget)
 
 
 @dataclass(frozen=True)
@@ -312,7 +321,8 @@ def record(current: Session, candidate: Candidate, result: Result,
         status = "disturbed"
         details.update(status=status, reason=disturbed)
         ledger.add_event("disturbed", candidate.sha, f"experiment #{candidate.exp_id}: {disturbed}")
-    if status != "ok" or candidate.task.measure or candidate.task.confirms is not None:
+    task = candidate.task
+    if status != "ok" or task.measure or task.confirms is not None or task.study is not None:
         discard_weights(candidate.run_dir)
     ledger.finish(candidate.exp_id, status, details, sha=candidate.sha)
     current.export()

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from autoresearch_cli.agents.base import Agent, AgentError, Parent, choose_parent
 from autoresearch_cli.backends.base import Backend, Ended, Slot
 from autoresearch_cli.doors import gitops
-from autoresearch_cli.doors.records import IN_FLIGHT, NEW_COMMIT_KINDS, Run
-from autoresearch_cli.research import decide, keeprule, pipeline
+from autoresearch_cli.doors.records import IN_FLIGHT, NEW_COMMIT_KINDS, hardware_of
+from autoresearch_cli.research import decide, keeprule, pipeline, resume
 from autoresearch_cli.research.evidence import CommitEvidence, Evidence, pairs
 from autoresearch_cli.research.history import parents
 from autoresearch_cli.research.measurements import Measurements
@@ -48,7 +48,8 @@ class Outcome:
 @dataclass
 class Scheduler:
     """Runs `n` new experiments (None: until interrupted) and `measures` runs of the tip
-    asked for up front (`ar baseline --repeat`), through `backend`."""
+    asked for up front (`ar baseline --repeat`), through `backend`; `queue` may hold runs
+    asked for up front too (`ar ablate`, `ar transfer`: given commits on given seeds)."""
 
     current: Session
     backend: Backend
@@ -208,7 +209,7 @@ class Scheduler:
         current = self.current
         exp_id = pipeline.open_experiment(current, task, self.agent_name)
         if task.measure or task.sha is not None:
-            run = pipeline.checkout(current, exp_id, task, slot.slot_class)
+            run = pipeline.checkout(current, exp_id, task, task.run_class(slot.slot_class))
             if task.measure and task.seed_index is None:  # partners are counted when queued
                 self.measurements.count(run.sha, slot.slot_class)
             self.on_event("start", exp_id=exp_id, index=max(self.outcome.started - 1, 0),
@@ -251,7 +252,7 @@ class Scheduler:
         seed = run_seed(self.current.ws.branch, index)
         self.measurements.start(candidate.exp_id, candidate.sha, slot.slot_class, index)
         spec = experiment_spec(self.current, candidate.run_dir, candidate.worktree, seed,
-                               device=slot.device)
+                               device=slot.device, time_budget=candidate.task.time_budget)
         self.current.ledger.update(candidate.exp_id, seed=seed, seed_index=index)
         self.ticks += 1
         self.started_tick[candidate.exp_id] = self.ticks
@@ -354,7 +355,7 @@ class Scheduler:
                 return  # the next free slot measures again, within the bound
             self.queue.appendleft(dataclasses.replace(  # on the same seed and hardware
                 task, sha=None if task.measure else candidate.sha, again_of=candidate.exp_id,
-                retries=task.retries + 1, slot_class=candidate.slot_class,
+                retries=task.retries + 1, slot_class=hardware_of(candidate.slot_class),
                 description=f"{_base(candidate.description)} (again: #{candidate.exp_id} was disturbed)"))
         elif action.kind == decide.REPAIR:
             failed = pipeline.Result(str(result.get("status")), None, result)
@@ -438,24 +439,13 @@ class Scheduler:
 
     # --- picking up after a stop ----------------------------------------------------------
 
-    def _candidate_of(self, run: Run, task: Task) -> Candidate:
-        return Candidate(run.id, task, run.sha or "", run.description or "",
-                         self.current.ws.worktrees_dir / str(run.id),
-                         self.current.ws.runs_dir / str(run.id),
-                         self.current.ledger.data_version(), run.slot_class or "")
-
     def _resume_cluster_runs(self) -> None:
         """Runs a killed ar left on a cluster (a backend task id in their row): picked up
         again where the backend still has them, else interrupted and re-queued once."""
         for run in self.current.ledger.runs():
             if run.status not in IN_FLIGHT or not run.backend_task:
                 continue
-            parent = Parent(run.parent_sha or "", None, None, "")
-            measure = run.kind in ("baseline", "remeasure")
-            task = Task(parent, measure=measure, remeasure=run.kind == "remeasure",
-                        sha=None if measure else run.sha, description=run.description or "",
-                        confirms=self._confirmed(run) if run.kind == "confirmation" else None)
-            candidate = self._candidate_of(run, task)
+            candidate = resume.candidate_of(self.current, run, resume.task_of(self.current, run))
             if self.backend.reattach(run.id, run.backend_task, run.slot_class or "",
                                      candidate.run_dir):
                 if not candidate.worktree.exists():  # recovery removed it; the checks read it
@@ -467,21 +457,10 @@ class Scheduler:
             self._interrupted(candidate, "ar was restarted and the cluster no longer has its "
                                          f"task {run.backend_task}", requeue=True)
 
-    def _confirmed(self, run: Run) -> int:
-        """The experiment a confirmation run confirms: up its chain of runs (again_of)."""
-        while run.kind == "confirmation" and run.again_of is not None:
-            run = self.current.ledger.run(run.again_of)
-        return run.id
-
     def _resume_undecided(self) -> None:
-        """Scored candidates a stopped ar left without a verdict (waiting for the best's
-        runs, or for a confirmation run) are judged again first."""
-        in_flight = {c.task.confirms for c in self.running.values()} | set(self.running)
-        for run in self.current.ledger.runs():
-            if (run.kind in NEW_COMMIT_KINDS and run.scored and run.decision is None
-                    and run.id not in in_flight):
-                parent = Parent(run.parent_sha or "", None, None, "")
-                self.waiting.append(self._candidate_of(run, Task(parent, sha=run.sha)))
+        """Scored candidates a stopped ar left without a verdict are judged again first."""
+        busy = {c.task.confirms for c in self.running.values()} | set(self.running)
+        self.waiting.extend(resume.undecided(self.current, busy))
 
 
 def _base(description: str) -> str:

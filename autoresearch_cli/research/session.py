@@ -106,15 +106,16 @@ def protected_changes(ws: Workspace, worktree: Path, sha: str) -> list[str]:
 
 
 def experiment_spec(current: Session, run_dir: Path, worktree: Path, seed: int,
-                    device: str | None = None):
+                    device: str | None = None, time_budget: float | None = None):
     """What the sandbox runs for one commit, from ar.toml's profile and sandbox tables;
-    `seed` is the run's (ar's alone), `device` the slot's (default: the profile's)."""
+    `seed` is the run's (ar's alone), `device` the slot's (default: the profile's),
+    `time_budget` the training seconds (default: the profile's; `ar transfer` scales it)."""
     from sandbox.spec import ExperimentSpec, JobLimits
 
     profile, box = current.settings.profile, current.settings.sandbox
     return ExperimentSpec(
         code_dir=str(worktree.resolve()), run_dir=str(run_dir.resolve()),
-        data_dir=str(current.ws.data_dir.resolve()), time_budget=float(profile.time_budget),
+        data_dir=str(current.ws.data_dir.resolve()), time_budget=float(time_budget or profile.time_budget),
         startup_allowance=float(profile.startup_allowance), eval_tokens=int(profile.eval_tokens),
         seq_len=int(profile.max_seq_len), eval_timeout=float(profile.eval_timeout),
         device=device or profile.device, seed=int(seed),

@@ -106,7 +106,9 @@ def _test_outcome(evidence: Row | None) -> str:
         return "-"
     if evidence.get("p") is None:
         return (evidence.get("reason") or "-").split(":")[0] if evidence.get("rule") != "one-run" else "one run"
-    return f"p={evidence['p']:.2g} < {evidence['look_level']:.2g} ({len(evidence['runs'])} pairs)"
+    level = evidence.get("look_level")  # rows written before the sequential test lack it
+    pairs = len(evidence.get("runs") or ())
+    return f"p={evidence['p']:.2g}" + (f" < {level:.2g}" if level is not None else "") + f" ({pairs} pairs)"
 
 
 def noise_lines(evidence: Evidence) -> list[str]:
@@ -252,3 +254,42 @@ def summary_text(facts: Row) -> str:
             cost += f" (+{facts['unpriced_calls']} calls of unknown cost)"
         parts.append(cost)
     return "; ".join(parts)
+
+
+def _gain_cell(found) -> Text:
+    return _gain_text(found.value, found.half_width) if found is not None else Text("-", style="dim")
+
+
+def render_ablations(found: list) -> Table:
+    """A rich Table of research/findings.ablations: what each kept step carries."""
+    table = Table(show_edge=False, header_style="bold")
+    for name in ("removed step", "without it (mean)", "runs", "the step carries", "share"):
+        table.add_column(name, justify="left" if name == "removed step" else "right")
+    for ablation in found:
+        label = f"#{ablation.step.id} {one_line(ablation.step.description or '', 60)}"
+        if ablation.variant is None or ablation.carried is None:
+            table.add_row(label, Text(ablation.why_not or "no scored run yet", style="yellow"),
+                          "-", "-", "-")
+            continue
+        share = "-" if ablation.share is None else f"{100 * ablation.share:.1f}%"
+        table.add_row(label, _number(ablation.variant.mean), str(ablation.variant.n),
+                      _gain_cell(ablation.carried), share)
+    return table
+
+
+def render_transfers(found: list) -> Table:
+    """A rich Table of research/findings.transfers: the gain at another budget."""
+    table = Table(show_edge=False, header_style="bold")
+    for name in ("class", "baseline", "best", "gain there", "gain at the profile's budget",
+                 "verdict"):
+        table.add_column(name, justify="left" if name in ("class", "verdict") else "right")
+    for transfer in found:
+        ratio = f" ({transfer.ratio:.2f}x)" if transfer.ratio is not None else ""
+        table.add_row(transfer.slot_class, _mean_cell(transfer.baseline), _mean_cell(transfer.best),
+                      _gain_cell(transfer.gain), _gain_cell(transfer.reference),
+                      Text(transfer.verdict + ratio, style="bold"))
+    return table
+
+
+def _mean_cell(commit: CommitEvidence) -> str:
+    return "-" if commit.mean is None else f"{commit.mean:.6f} ({commit.n})"

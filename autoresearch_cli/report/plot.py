@@ -1,10 +1,12 @@
-"""`ar log --plot FILE`: val_bpb over the experiments, drawn from the evidence.
+"""`ar log --plot FILE`: val_bpb over the experiments, drawn from the evidence; `plot_data`
+is also what the report's inline SVG draws (report/svg.py).
 
 Each run is a faint dot; each commit with a score is its mean with its interval, at the
 experiment that made it (kept commits in green, the baseline in blue, others grey); the
 best is a step line through the kept chain's means, ending at the incumbent's mean, the
 number every decision read; failed runs are red crosses along the bottom. The legend sits
-outside the axes, so no point hides under it.
+outside the axes, so no point hides under it. Runs at another budget (`ar transfer`) are
+not progress and are left out.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch_cli.doors.records import FAILED, NEW_COMMIT_KINDS
+from autoresearch_cli.doors.records import FAILED, NEW_COMMIT_KINDS, at_other_budget
 from autoresearch_cli.errors import ArError
 from autoresearch_cli.research.evidence import Evidence
 
@@ -30,7 +32,7 @@ class CommitPoint:
 
 @dataclass
 class PlotData:
-    runs: list[tuple[int, float]] = field(default_factory=list)  # every scored run
+    runs: list[tuple[int, float]] = field(default_factory=list)  # every scored run drawn
     commits: list[CommitPoint] = field(default_factory=list)
     best_line: list[tuple[int, float]] = field(default_factory=list)  # (x, mean) steps
     failed: list[int] = field(default_factory=list)
@@ -42,7 +44,8 @@ class PlotData:
 def plot_data(evidence: Evidence) -> PlotData:
     """What the plot draws, as numbers (tested without drawing)."""
     data = PlotData(last_x=max((run.id for run in evidence.runs), default=0))
-    data.runs = [(run.id, run.val_bpb) for run in evidence.runs if run.scored]  # type: ignore[misc]
+    data.runs = [(run.id, run.val_bpb) for run in evidence.runs  # type: ignore[misc]
+                 if run.scored and not at_other_budget(run.slot_class)]
     data.failed = [run.id for run in evidence.runs if run.status in FAILED]
     seen: set[str] = set()
     for run in evidence.runs:
