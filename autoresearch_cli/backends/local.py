@@ -151,13 +151,7 @@ class LocalWorkers(SlotPool):
         stopped = list(self.running)
         for child in self._children.values():
             _signal(child.process, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for index, child in list(self._children.items()):
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(child.process, signal.SIGKILL)
-            self._forget(index)
+        self._reap(STOP_GRACE_S)
         self.running.clear()
         return stopped
 
@@ -168,7 +162,11 @@ class LocalWorkers(SlotPool):
                 child.process.stdin.close()
             except OSError:
                 pass
-        deadline = time.monotonic() + CLOSE_GRACE_S
+        self._reap(CLOSE_GRACE_S)
+
+    def _reap(self, grace: float) -> None:
+        """Wait up to `grace` seconds in all for every child to end; kill what is left."""
+        deadline = time.monotonic() + grace
         for index, child in list(self._children.items()):
             try:
                 child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
