@@ -35,9 +35,10 @@ What a hostile run can do with it, and why that cannot raise a score or harm a r
   (sandbox/confine.py): it can do what the parent's code could do there, no more.
 - It can change how a descendant trains (slower, faster, or wrongly), so that the
   descendant's score owes something to its parent's artifacts rather than to its own
-  diff. The score is still the trusted scorer's measure of the weights it got; ar records
-  which layers each run was handed (result.json `compile_cache`), so such a run can be
-  re-measured with the template layer alone. This is the residual risk, stated.
+  diff. The score is still the trusted scorer's measure of the weights it got;
+  RunCaches.record says which layers each run was handed (for result.json), so such a
+  run can be re-measured with the template layer alone. This is the residual risk, and
+  the reason the lineage layers must not be turned on before that re-measure exists.
 - It cannot fill the disk or point ar elsewhere: harvest takes regular files beneath the
   cache only, at most MAX_FILES of them and MAX_BYTES in all.
 What needs a GPU to verify: that inductor and Triton hit these entries (the compile time
