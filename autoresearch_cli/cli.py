@@ -280,6 +280,7 @@ def log(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     limit: Annotated[int | None, typer.Option(help="Show only the last N experiments.", min=1)] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the progress chart to this PNG file.")] = None,
+    timing: Annotated[bool, typer.Option("--timing", help="Where each run's wall time went.")] = False,
 ) -> None:
     """Show the experiments recorded in the ledger (read-only: safe beside a running ar)."""
     import json
@@ -299,6 +300,9 @@ def log(
             from autoresearch_cli.report.plot import plot_progress
 
             typer.echo(f"wrote {plot_progress(evidence, plot)}", err=True)
+        if timing:
+            _log_timing(evidence.runs[-limit:] if limit else evidence.runs, as_json)
+            return
         if tree:
             from autoresearch_cli.report.tree import render_tree, tree_rows
 
@@ -318,6 +322,21 @@ def log(
     typer.echo(shown.summary_text(shown.summary(evidence, cost)))
     for line in shown.noise_lines(evidence):
         typer.echo(line)
+
+
+def _log_timing(runs, as_json: bool) -> None:
+    import json
+
+    from rich.console import Console
+
+    from autoresearch_cli.report import walltime
+
+    rows = walltime.timing_rows(runs)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    Console().print(walltime.render_timing(rows))
+    typer.echo(walltime.timing_summary(rows))
 
 
 @app.command()

@@ -10,19 +10,23 @@ probes' power: the chance of catching a model that looks ahead at k of the T pos
 each row, computed for both profiles and measured on the cpu profile by simulation; and
 what confinement adds to a start.
 
+Then the same two from the warm runtime (sandbox/warm.py), as ar runs them: the scorer
+started from a slot's server with its workers forked from it (--fork-workers), and the
+one-process reference started from the server too; the scorer's time split into its fixed
+part (starting the workers, importing train.py, building and loading the model, planning)
+and its arithmetic (the batches, eval.json's timing).
+
 Targets: the split with copies only at most 1.51x in-process on the cpu profile (its figure
-before the probes), at most 15 s more on the gpu profile; the probes catch a look-ahead at
-3 positions of each row with at least 99% on both profiles, for the cost of their extra
+before the probes), at most 15 s more on the gpu profile; the warm split (with its probes)
+at most 1.2x the warm one-process reference on the same rows; the probes catch a look-ahead
+at 3 positions of each row with at least 99% on both profiles, for the cost of their extra
 rows (printed); confinement adds at most 0.5 s to a job's start.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -36,14 +40,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import probe_power  # noqa: E402  (beside this file)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from autoresearch_cli.doors import workspace  # noqa: E402
 from autoresearch_cli.doors.config import PROFILES, load_raw  # noqa: E402
 from autoresearch_cli.doors.data import prepare_data  # noqa: E402
-from sandbox import confine  # noqa: E402
-from sandbox.evaluate import SPLITS, load_data, pick_batch_size, split_rows  # noqa: E402
+from sandbox import confine, proctree, warm  # noqa: E402
+from sandbox.evaluate import pick_batch_size  # noqa: E402
+from sandbox.runner import job_env  # noqa: E402
 
 
 def save_random_weights(code_dir: Path, out_dir: Path, vocab: int, seq_len: int) -> None:
@@ -55,44 +58,6 @@ def save_random_weights(code_dir: Path, out_dir: Path, vocab: int, seq_len: int)
             f"open({str(out_dir / 'config.json')!r}, 'w').write(json.dumps(c))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=code_dir,
                    env={**os.environ, "AR_OUTPUT_DIR": str(out_dir)})
-
-
-def in_process(code_dir: Path, out_dir: Path, data_dir: Path, eval_tokens: int, seq_len: int,
-               device: str) -> tuple[float, float]:
-    """(val_bpb, seconds): import train.py here, forward every row, cross-entropy here."""
-    started = time.monotonic()
-    sys.path.insert(0, str(code_dir))
-    spec = importlib.util.spec_from_file_location("bench_train", code_dir / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    model = train.build_model(json.loads((out_dir / "config.json").read_text()))
-    model.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True))
-    model = model.to(device).eval()
-    data = load_data(data_dir)
-    batch = pick_batch_size(device, seq_len, data.vocab_size)
-    autocast = (torch.autocast("cuda", torch.bfloat16) if device == "cuda"
-                else contextlib.nullcontext())
-    bpb = {}
-    with torch.inference_mode():
-        for name in SPLITS:
-            windows = split_rows(data.splits[name], eval_tokens, seq_len, data.vocab_size, name).windows
-            inputs = torch.from_numpy(windows[:, :-1].astype("int64"))
-            targets = torch.from_numpy(windows[:, 1:].astype("int64"))
-            nats, nbytes = 0.0, 0
-            token_bytes = torch.from_numpy(data.token_bytes).to(device)
-            for start in range(0, len(inputs), batch):
-                with autocast:
-                    logits = model(inputs[start:start + batch].to(device))
-                t = targets[start:start + batch].to(device)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), t.flatten(), reduction="none")
-                b = token_bytes[t.flatten()]
-                nats += float((ce.double() * (b > 0)).sum())
-                nbytes += int(b.sum())
-            bpb[name] = nats / math.log(2) / nbytes
-    if device == "cuda":
-        torch.cuda.synchronize()
-    sys.path.remove(str(code_dir))
-    return bpb["val"], time.monotonic() - started
 
 
 def confinement_start_cost(repeat: int) -> tuple[float, float, str]:
@@ -114,11 +79,6 @@ def confinement_start_cost(repeat: int) -> tuple[float, float, str]:
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["--reference"]:  # one in-process evaluation, in a fresh process
-        code, out, data, tokens, seq_len, device = sys.argv[2:8]
-        bpb, _ = in_process(Path(code), Path(out), Path(data), int(tokens), int(seq_len), device)
-        print(bpb)
-        return 0
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--source", default="stdlib")
@@ -164,35 +124,75 @@ def main() -> int:
 
 def time_scoring(code: Path, out: Path, data_dir: Path, profile: dict, device: str, tmp: Path,
                  repeat: int) -> dict | None:  # fmt: skip
-    """Seconds of each way of scoring (fresh processes, interleaved: drift hits all alike),
-    and the last eval.json of each scorer; None when one failed."""
+    """Seconds of each way of scoring (cold: fresh processes; warm: forks of a warm server),
+    interleaved so that drift hits all alike, and the last result of each; None when one
+    failed."""
     eval_tokens, seq_len = profile["eval_tokens"], profile["max_seq_len"]
-    reference = [sys.executable, __file__, "--reference", str(code), str(out), str(data_dir),
-                 str(eval_tokens), str(seq_len), device]  # fmt: skip
     scorer = [sys.executable, "-I", "-m", "sandbox.evaluate", "--code-dir", str(code),
               "--weights-dir", str(out), "--data-dir", str(data_dir), "--eval-tokens",
               str(eval_tokens), "--seq-len", str(seq_len), "--device", device,
               "--out", str(tmp / "eval.json")]  # fmt: skip
-    ways = {"in-process": reference, "copies only": [*scorer, "--probe-target", "0"],
-            "probes": scorer}  # fmt: skip
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
-    results: dict[str, dict] = {}
-    for _ in range(repeat):
-        for way, cmd in ways.items():
-            started = time.monotonic()
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
-            seconds[way].append(time.monotonic() - started)
-            if done.returncode:
-                print(f"{way} evaluation failed: {done.stderr.strip()[-1500:]}")
-                return None
-            if way == "in-process":
-                results[way] = {"val_bpb": float(done.stdout.split()[-1])}
-                continue
-            results[way] = json.loads((tmp / "eval.json").read_text())
-            if results[way]["status"] != "ok":
-                print(f"{way} evaluation failed: {results[way]['reason']}")
-                return None
+    runtime = warm.Runtime()
+    runtime.prestart(job_env({}))
+    proctree.set_subreaper(True)
+    try:
+        first = _once(scorer, tmp, None)  # how many rows the probes add: the reference's too
+        if first is None:
+            return None
+        extra = first[1]["twin_rows"]
+        ways = {"in-process": (_reference(code, out, data_dir, profile, device, 0), None),
+                "copies only": ([*scorer, "--probe-target", "0"], None), "probes": (scorer, None)}
+        if runtime.wait_ready() and device == "cpu":
+            ways["in-process, warm"] = (_reference(code, out, data_dir, profile, device, extra),
+                                        runtime)  # fmt: skip
+            ways["probes, warm"] = ([*scorer, "--fork-workers"], runtime)
+        seconds: dict[str, list[float]] = {way: [] for way in ways}
+        results: dict[str, dict] = {}
+        for _ in range(repeat):
+            for way, (cmd, via) in ways.items():
+                done = _once(cmd, tmp, via)
+                if done is None:
+                    return None
+                seconds[way].append(done[0])
+                results[way] = done[1]
+    finally:
+        runtime.close()
+        proctree.set_subreaper(False)
     return {way: (statistics.median(seconds[way]), results[way]) for way in ways}
+
+
+def _reference(code: Path, out: Path, data_dir: Path, profile: dict, device: str,
+               extra: int) -> list[str]:  # fmt: skip
+    return [sys.executable, str(Path(__file__).with_name("score_in_process.py")), str(code),
+            str(out), str(data_dir), str(profile["eval_tokens"]), str(profile["max_seq_len"]),
+            device, str(extra)]  # fmt: skip
+
+
+def _once(cmd: list[str], tmp: Path, runtime: warm.Runtime | None) -> tuple[float, dict] | None:
+    """(seconds, result) of one scoring: its printed val_bpb, or the scorer's eval.json."""
+    output = tmp / "scoring.out"
+    with open(output, "wb") as sink, open(os.devnull, "rb") as null:
+        started = time.monotonic()
+        if runtime is None:
+            code = subprocess.run(cmd, stdin=null, stdout=sink, stderr=sink, cwd=tmp).returncode
+        else:  # as ar starts the scorer: no confinement of its own, a PID namespace
+            launcher = confine.launch_cmd(confine.plan(None, pid_namespace=True), cmd,
+                                          fsize_bytes=2**31, nofile=4096, parent_pid=os.getpid())  # fmt: skip
+            env = job_env({"HOME": str(tmp), "TMPDIR": str(tmp)})
+            code = runtime.spawn(launcher, str(tmp), env, (null.fileno(), sink.fileno(),
+                                                           sink.fileno())).wait()  # fmt: skip
+        seconds = time.monotonic() - started
+    text = output.read_text(errors="replace")
+    if code:
+        print(f"{' '.join(cmd[:4])} failed: {text.strip()[-1500:]}")
+        return None
+    if "score_in_process.py" in cmd[1]:
+        return seconds, {"val_bpb": float(text.split()[-1])}
+    result = json.loads((tmp / "eval.json").read_text())
+    if result["status"] != "ok":
+        print(f"the scorer failed: {result['reason']}")
+        return None
+    return seconds, result
 
 
 def timing_lines(timed: dict, device: str) -> list[str]:
@@ -211,7 +211,26 @@ def timing_lines(timed: dict, device: str) -> list[str]:
     lines.append(f"  the split alone: {copies / inproc:.2f}x in-process (target {limit}: "
                  f"{'ok' if ok else 'OVER TARGET'}); the probes: {probed / copies:.2f}x the split "
                  f"alone, +{probed - copies:.2f} s")
-    return lines
+    return lines + warm_lines(timed)
+
+
+def warm_lines(timed: dict) -> list[str]:
+    """The warm runtime's figures: the split against one process on the same rows."""
+    if "probes, warm" not in timed:
+        return ["  warm runtime: not measured (no warm server here, or not on CPU)"]
+    reference, result = timed["in-process, warm"][0], timed["probes, warm"][1]
+    split = timed["probes, warm"][0]
+    ready, batches = result["timing"]["ready"], result["timing"]["scoring"]
+    ratio = split / reference
+    return [
+        f"  warm, one process, the same rows (scored + {result['twin_rows']} probe rows): "
+        f"{reference:7.2f} s",
+        f"  warm, scorer + 2 forked workers, with probes:  {split:7.2f} s  {ratio:.2f}x (target "
+        f"<= 1.2x: {'ok' if ratio <= 1.2 else 'OVER TARGET'}); of it, fixed {split - batches:.2f} s "
+        f"(workers ready after {ready:.2f} s) and arithmetic {batches:.2f} s "
+        f"(cold scorer: {timed['probes'][0]:.2f} s in all)",
+    ]
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ["bench_cli.py", "bench_prepare.py", "bench_sandbox.py", "bench_loop.py", "bench_workers.py",
-           "bench_report.py", "bench_ray.py", "bench_eval.py", "bench_train.py", "bench_cpu.py"]
+           "bench_report.py", "bench_ray.py", "bench_eval.py", "bench_train.py", "bench_cpu.py",
+           "bench_wall.py"]
 
 
 def main() -> int:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from sandbox import cgroup, netns
 from sandbox.errors import SandboxConfigError
+from sandbox.warm import WARM_VARIABLE
 
 DISABLE_VARIABLE = "AR_SANDBOX_LANDLOCK"  # "0": never use Landlock
 PIDNS_VARIABLE = "AR_SANDBOX_PIDNS"  # "0": no PID or mount namespace
@@ -105,7 +106,7 @@ def support() -> Support:
 def switches() -> dict[str, str]:
     """The AR_SANDBOX_* variables set in this process: a process that confines jobs of its
     own (the scorer) must follow the same choices."""
-    names = (DISABLE_VARIABLE, PIDNS_VARIABLE, cgroup.DISABLE_VARIABLE)
+    names = (DISABLE_VARIABLE, PIDNS_VARIABLE, cgroup.DISABLE_VARIABLE, WARM_VARIABLE)
     return {name: os.environ[name] for name in names if name in os.environ}
 
 

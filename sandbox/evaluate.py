@@ -99,6 +99,20 @@ def load_data(data_dir: Path) -> Data:
     return Data(vocab_size, token_bytes.astype(np.int64), splits)
 
 
+def data_shape(data_dir: Path) -> tuple[int, dict[str, int]]:
+    """The vocabulary size and each split's token count, from the manifest and the files'
+    sizes alone: what the workers' buffers need, known before a byte of a split is read."""
+    missing = [name for name in ("manifest.json", *(f"{s}.bin" for s in SPLITS))
+               if not (data_dir / name).is_file()]  # fmt: skip
+    if missing:
+        raise InvalidModel(f"data directory {data_dir} lacks {', '.join(missing)} (run ar prepare)")
+    try:
+        vocab_size = int(json.loads((data_dir / "manifest.json").read_text())["vocab_size"])
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise InvalidModel(f"data directory {data_dir} is unreadable: {exc}") from None
+    return vocab_size, {name: (data_dir / f"{name}.bin").stat().st_size // 2 for name in SPLITS}
+
+
 def scored_rows(split_tokens: int, eval_tokens: int, seq_len: int) -> int:
     """Whole rows of at most eval_tokens targets: row r reads tokens[r*T : r*T+T] and is
     scored on tokens[r*T+1 : r*T+T+1]."""
@@ -146,11 +160,15 @@ def evaluate(
     confine: bool = True,
     timeout: float = 3600.0,
     probe_target: float = probes.TARGET_POWER,
+    fork_workers: bool = False,
 ) -> dict[str, Any]:
     """Score the model in weights_dir on the val and holdout splits: the eval.json dict.
 
     `probe_target`: the chance of catching a model that looks ahead at probes.TARGET_K
     positions of each row that the probes are sized for (0: the copies alone).
+    `fork_workers`: start the confined model workers as forks of this process (a warm one,
+    with torch loaded: sandbox/warm.py), before it reads any evaluation data; only for a
+    process that is the scorer and nothing else (`python -m sandbox.evaluate`).
     Never raises for a bad model, bad weights or bad data: status "invalid" with a reason.
     """
     started = time.monotonic()
@@ -159,14 +177,14 @@ def evaluate(
         "val_tokens": 0, "holdout_tokens": 0, "eval_tokens_requested": int(eval_tokens),
         "num_params_M": None, "causality_max_diff": None, "seconds": 0.0, "note": "",
         "twin_rows": 0, "probes": 0, "probe_power": None, "worker_isolation": None,
-        "worker_isolation_note": None,
+        "worker_isolation_note": None, "timing": {},
     }  # fmt: skip
     own_log_dir = log_dir is None
     logs = Path(tempfile.mkdtemp(prefix="ar-eval-")) if own_log_dir else Path(log_dir)
     try:
         paths = Path(code_dir).resolve(), Path(weights_dir).resolve(), Path(data_dir)
         _evaluate(*paths, int(eval_tokens), int(seq_len), device, batch_size, logs, confine,
-                  started + timeout, float(probe_target), result)  # fmt: skip
+                  started + timeout, float(probe_target), result, fork_workers)  # fmt: skip
         result["status"] = "ok"
     except InvalidModel as exc:
         result["reason"] = _clip(str(exc))
@@ -185,16 +203,17 @@ def evaluate(
 
 
 def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, batch_size, logs,
-              confine, deadline, probe_target, result):  # fmt: skip
+              confine, deadline, probe_target, result, fork_workers):  # fmt: skip
     if (eval_tokens < 1 or seq_len < 2 or (batch_size or 1) < 1 or device not in DEVICES
             or not 0 <= probe_target < 1):  # fmt: skip
         raise InvalidModel(
             f"bad arguments: eval_tokens {eval_tokens}, seq_len {seq_len}, batch_size "
             f"{batch_size}, device {device!r}, probe_target {probe_target}"
         )
-    data = load_data(data_dir)
-    total_rows = sum(scored_rows(len(t), eval_tokens, seq_len) for t in data.splits.values())
-    batch_size = max(1, min(batch_size or pick_batch_size(device, seq_len, data.vocab_size),
+    started = time.monotonic()
+    vocab_size, split_tokens = data_shape(data_dir)
+    total_rows = sum(scored_rows(tokens, eval_tokens, seq_len) for tokens in split_tokens.values())
+    batch_size = max(1, min(batch_size or pick_batch_size(device, seq_len, vocab_size),
                             total_rows))  # fmt: skip
     if device == "cuda":  # the shared device buffers need CUDA before the workers start
         import torch
@@ -203,9 +222,13 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
             raise InvalidModel("device cuda was asked for but CUDA is not available")
     workers: list[Worker] = []
     try:
+        # Before a byte of the splits is read: a worker forked from here has this memory.
         for index in range(probes.WORKERS):  # both start at once: their imports overlap
             workers.append(Worker(index, code_dir, weights_dir, device, batch_size, seq_len,
-                                  data.vocab_size, logs, confine))  # fmt: skip
+                                  vocab_size, logs, confine, fork_workers))  # fmt: skip
+        data = load_data(data_dir)
+        if data.vocab_size != vocab_size:
+            raise InvalidModel(f"data directory {data_dir} changed during the evaluation")
         plan, splits = _plan(data, eval_tokens, seq_len, batch_size, probe_target, result)
         import torch  # while the workers import theirs
 
@@ -216,6 +239,7 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
 
         ready_by = min(deadline, time.monotonic() + READY_TIMEOUT_S)
         params = [worker.wait_ready(ready_by) for worker in workers]
+        ready = time.monotonic()
         result["num_params_M"] = round(params[0] / 1e6, 6)  # as a worker reports it
         result["worker_isolation"] = workers[0].isolation
         result["worker_isolation_note"] = workers[0].isolation_note
@@ -223,6 +247,9 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
             token_bytes = torch.from_numpy(data.token_bytes).to(workers[0].logits.device)
             tally = scoring.run_plan(plan, workers, splits, token_bytes, deadline)
             compared = scoring.compare_twins(tally, device)
+        # fixed: start the workers (import, build, load) and plan; arithmetic: the batches
+        result["timing"] = {"ready": round(ready - started, 3),
+                            "scoring": round(time.monotonic() - ready, 3)}  # fmt: skip
         result["causality_max_diff"] = compared.max_move
         if compared.reason:
             raise InvalidModel(compared.reason)
@@ -307,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"chance of catching a look-ahead at {probes.TARGET_K} positions per row the "
              "probes are sized for (0: exact copies only)")  # fmt: skip
     add("--out", required=True, type=Path, help="where to write eval.json")
+    add("--fork-workers", action="store_true",
+        help="fork the model workers from this process (the warm runtime: sandbox/warm.py)")
     args = parser.parse_args(argv)
     result = evaluate(
         args.code_dir, args.weights_dir, args.data_dir, args.eval_tokens, args.seq_len,
         args.device, args.batch_size, args.log_dir, not args.no_confine, args.timeout,
-        args.probe_target,
+        args.probe_target, args.fork_workers,
     )  # fmt: skip
     try:
         write_json_atomic(args.out, result)

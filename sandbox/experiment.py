@@ -14,8 +14,10 @@ alone can know (steps, MFU, tokens), and never for val_bpb.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -23,8 +25,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandbox import confine
-from sandbox.cpu import plan_cpu
+from sandbox import compilecache, confine, phases, warm
+from sandbox.cpu import (
+    ISA_ENV_VARS,
+    QUIET_WAIT_POLICY,
+    CpuPlan,
+    available_cores,
+    plan_cpu,
+    thread_env,
+)
 from sandbox.files import write_json_atomic
 from sandbox.runner import Limits, RunResult, job_env, run
 from sandbox.spec import ExperimentResult, ExperimentSpec
@@ -33,6 +42,12 @@ SUMMARY_KEYS = ("num_steps", "mfu_percent", "total_tokens_M", "num_params_M", "d
 SUMMARY_LINE = re.compile(r"^([a-zA-Z_]+):\s+(-?[0-9.]+)\s*$")
 EVAL_DATA_FILES = ("val.bin", "holdout.bin", "token_bytes.npy", "manifest.json")
 TRAINING_DATA_FILES = ("train.bin", "tokenizer.pkl")  # all the training job may read of the data
+WARM_WAIT_S = 60.0  # for a warm server still starting (it takes what a cold start takes)
+# A CPU plan is reused, without sampling the load again (0.5 s), this long after a run in
+# this process that had its cores to itself all along (share.py) on all of them.
+QUIET_REUSE_S = 120.0
+QUIET_SHARE = 0.95
+_quiet: dict[str, tuple[float, CpuPlan]] = {}  # device -> (when, plan) of such a run
 
 
 def resolve_device(device: str) -> str:
@@ -112,21 +127,24 @@ def _failure(train: RunResult, budget_kill: float) -> tuple[str, str]:
 
 def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) -> ExperimentResult:
     """Train spec.code_dir's train.py, score it, write and return run_dir/result.json."""
+    begun = time.monotonic()
     code_dir, run_dir, data_dir = Path(spec.code_dir), Path(spec.run_dir), Path(spec.data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir, tmp_dir = run_dir / "out", run_dir / "tmp"
     out_dir.mkdir(exist_ok=True)
     tmp_dir.mkdir(exist_ok=True)
     device = resolve_device(spec.device)
-    cpu = plan_cpu(device)
+    cpu = _cpu_plan(device)
+    planned = time.monotonic()
     hard_kill = spec.time_budget + spec.startup_allowance
     env = job_env({
         "AR_DATA_DIR": str(data_dir.resolve()), "AR_OUTPUT_DIR": str(out_dir.resolve()),
         "AR_TIME_BUDGET": str(spec.time_budget), "AR_DEVICE": device, "AR_SEED": str(spec.seed),
         "HOME": str(tmp_dir.resolve()), "TMPDIR": str(tmp_dir.resolve()),
-        "TORCHINDUCTOR_CACHE_DIR": str((tmp_dir / "inductor").resolve()),
-        "TRITON_CACHE_DIR": str((tmp_dir / "triton").resolve()), **cpu.env,
+        **compilecache.cache_env((tmp_dir / "compile").resolve()), **cpu.env,
     })  # fmt: skip
+    runtime = _warm_runtime(device, env)
+    served = time.monotonic()
     result = ExperimentResult(device=device, seed=spec.seed, cpu=cpu.as_record())
     make_eval_data_read_only(data_dir)
     data_digest = eval_data_digest(data_dir)
@@ -139,10 +157,10 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
             write=(str(out_dir.resolve()), str(tmp_dir.resolve())),
             gpu=device == "cuda",
         )
-    started = time.monotonic()
     train = run(
         [spec.python, "train.py"], cwd=code_dir, env=env, limits=_limits(spec, hard_kill),
         log_path=run_dir / "train.log", on_progress=on_progress, confinement=confinement,
+        runtime=runtime, phases=True,
     )  # fmt: skip
     if train.reason == "interrupted":
         raise KeyboardInterrupt
@@ -174,13 +192,76 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
             ("train.py saved no weights: it must end with prepare.save_for_eval(model, config)"),
         )
     else:
-        result.status, result.reason = _score(spec, run_dir, device, cpu.env, result)
+        result.status, result.reason = _score(spec, run_dir, device, cpu.env, result, runtime)
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    result.total_seconds = round(time.monotonic() - started, 2)
+    result.total_seconds = round(time.monotonic() - begun, 2)
+    before = {"plan": planned - begun, "server": served - planned}
+    result.timing = _timing(train, before, result)
+    _remember_plan(device, cpu, result.cpu_share)
     if result.status != "ok":
         result.val_bpb = result.holdout_bpb = None
     write_json_atomic(run_dir / "result.json", result.as_dict(), sort_keys=True)
     return result
+
+
+def _cpu_plan(device: str) -> CpuPlan:
+    """The CPU plan for a job: sampled now (plan_cpu), or the plan of the last run here if
+    that run had all its cores to itself until QUIET_REUSE_S ago: its share watch, over
+    its whole run, saw the machine quiet; a competitor since then makes this run disturbed
+    (share.py), as one arriving a second after a fresh sample would."""
+    when, plan = _quiet.get(device, (0.0, None))
+    if plan is None or time.monotonic() - when > QUIET_REUSE_S:
+        return plan_cpu(device)
+    return dataclasses.replace(plan, reason=f"{plan.reason}; reused: the last run here had its "
+                                            "cores to itself")  # fmt: skip
+
+
+def _remember_plan(device: str, cpu: CpuPlan, share: float | None) -> None:
+    if share is not None and share >= QUIET_SHARE and cpu.threads >= available_cores():
+        _quiet[device] = (time.monotonic(), cpu)
+    else:
+        _quiet.pop(device, None)
+
+
+def prestart_warm(device: str = "auto") -> None:
+    """Start this process's warm server now for the jobs it will run (a slot's), with the
+    threads of a quiet machine; a run whose plan differs restarts it (sandbox/warm.py)."""
+    device = resolve_device(device)
+    if warm.wanted(device == "cuda"):
+        quiet = thread_env(available_cores(), QUIET_WAIT_POLICY)
+        isa = {name: os.environ[name] for name in ISA_ENV_VARS if os.environ.get(name)}
+        warm.runtime().prestart(job_env({**quiet, **isa}))
+
+
+def _warm_runtime(device: str, env: dict[str, str]) -> warm.Runtime | None:
+    """This process's warm runtime, its server ready for jobs with `env`; None: cold. A
+    server still starting is waited for: a cold job would import what it is importing,
+    and both would share the cores meanwhile."""
+    if not warm.wanted(device == "cuda"):
+        return None
+    runtime = warm.runtime()
+    runtime.prestart(env)
+    runtime.wait_ready(WARM_WAIT_S)
+    return runtime
+
+
+def _timing(train: RunResult, before: dict[str, float], result: ExperimentResult) -> dict:
+    """Where the run's wall time went, on ar's clock (sandbox/phases.py): what came before
+    the job (the CPU plan, waiting for the warm server), the training job's phases as it reported
+    them (untrusted, bounded by the hard kill), the scorer's fixed part and its arithmetic
+    (the batches), and what was left (the sandbox's own)."""
+    spans = phases.durations(train.phases or {}, train.wall_seconds)
+    score = result.eval_seconds or 0.0
+    arithmetic = (result.eval_timing or {}).get("scoring")
+    accounted = sum(before.values()) + train.wall_seconds + score
+    return {
+        **{name: round(seconds, 3) for name, seconds in before.items()}, **spans, "score": score,
+        "score_arithmetic": arithmetic,
+        "score_fixed": round(score - arithmetic, 3) if arithmetic is not None else None,
+        "other": round(max(0.0, (result.total_seconds or 0.0) - accounted), 3),
+        "total": result.total_seconds, "reported": sorted(train.phases or {}),
+        "launch": {"job": train.launch, "scorer": result.eval_launch},
+    }  # fmt: skip
 
 
 def scorer_env(cpu_env: dict[str, str], home: Path) -> dict[str, str]:
@@ -192,8 +273,10 @@ def scorer_env(cpu_env: dict[str, str], home: Path) -> dict[str, str]:
     return job_env({**cpu_env, "HOME": str(home), "TMPDIR": str(home)})
 
 
-def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str) -> list[str]:
-    """The trusted scorer of the weights in run_dir/out, run from the installed package."""
+def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str,
+                   fork_workers: bool = False) -> list[str]:  # fmt: skip
+    """The trusted scorer of the weights in run_dir/out, run from the installed package;
+    `fork_workers`: it starts warm and forks its model workers (sandbox/warm.py)."""
     return [
         spec.python, "-I", "-m", "sandbox.evaluate",
         "--code-dir", str(Path(spec.code_dir).resolve()),
@@ -203,27 +286,30 @@ def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str) -> list[str
         "--device", device, "--log-dir", str(run_dir.resolve()),
         "--timeout", str(spec.eval_timeout), "--out", str(run_dir / "eval.json"),
         *(() if spec.confine else ("--no-confine",)),
+        *(("--fork-workers",) if fork_workers else ()),
     ]  # fmt: skip
 
 
 def _score(spec: ExperimentSpec, run_dir: Path, device: str, cpu_env: dict[str, str],
-           result: ExperimentResult) -> tuple[str, str | None]:  # fmt: skip
+           result: ExperimentResult, runtime: warm.Runtime | None) -> tuple[str, str | None]:  # fmt: skip
     """Run the trusted scorer (itself unconfined: it never runs the candidate's code) in a
     fresh private directory, its HOME, removed afterwards; record what it says in `result`."""
     eval_json = run_dir / "eval.json"
     eval_json.unlink(missing_ok=True)
     home = Path(tempfile.mkdtemp(prefix="ar-score-"))
     started = time.monotonic()
+    warm_scorer = runtime is not None and runtime.wait_ready(WARM_WAIT_S)
+    command = scorer_command(spec, run_dir, device, warm_scorer and device == "cpu" and spec.confine)
     try:
         # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
         # scorer confines its workers itself, so it gets ar's AR_SANDBOX_* switches.
-        evaluation = run(scorer_command(spec, run_dir, device), cwd=home,
-                         env={**scorer_env(cpu_env, home), **confine.switches()},
-                         limits=_limits(spec, spec.eval_timeout + 5),
-                         log_path=run_dir / "eval.log", pid_namespace=True)  # fmt: skip
+        evaluation = run(command, cwd=home, env={**scorer_env(cpu_env, home), **confine.switches()},
+                         limits=_limits(spec, spec.eval_timeout + 5), log_path=run_dir / "eval.log",
+                         pid_namespace=True, runtime=runtime)  # fmt: skip
     finally:
         shutil.rmtree(home, ignore_errors=True)
     result.eval_seconds = round(time.monotonic() - started, 2)
+    result.eval_launch = evaluation.launch
     if evaluation.reason == "interrupted":
         raise KeyboardInterrupt
     if evaluation.peak_vram_mb is not None:
@@ -252,6 +338,7 @@ def _record_eval(scored: dict, result: ExperimentResult) -> tuple[str, str | Non
     result.probe_power = scored.get("probe_power")
     result.causality_max_diff = scored.get("causality_max_diff")
     result.worker_isolation = scored.get("worker_isolation")
+    result.eval_timing = scored.get("timing") if isinstance(scored.get("timing"), dict) else None
     if scored.get("num_params_M") is not None:
         result.num_params_M = scored["num_params_M"]
     if scored.get("status") != "ok":

@@ -7,7 +7,7 @@
                            [--write PATH]... [--device PATH]... [--unix allow|hidden]] -- CMD...
     python -I -S limits.py --probe namespaces|landlock
 
-In this order: it joins the job's control groups (cgroup.py made them; from here on the
+In this order (launch()): it joins the job's control groups (cgroup.py made them; from here on the
 kernel charges everything the job does to them), sets the resource limits (largest file,
 open files, no core dumps), asks the kernel to SIGKILL it if ar dies, and moves into fresh
 namespaces (nsinit.py). With a PID namespace it forks the namespace's init, which mounts
@@ -129,8 +129,8 @@ def _prepare_view(options: dict, proc: bool) -> None:
         mounts.hide_host_sockets([*options["read"], *options["write"], *options["device"]])
 
 
-def _become_job(options: dict) -> None:
-    """In the job's own process: give up privileges, confine, exec. Never returns."""
+def _become_job(options: dict, become) -> None:
+    """In the job's own process: give up privileges, confine, become(cmd). Never returns."""
     try:
         if options["privileges"] == "drop":
             lsm.drop_privileges()
@@ -140,10 +140,15 @@ def _become_job(options: dict) -> None:
                         unix)  # fmt: skip
     except (OSError, ValueError) as exc:
         _fail(exc)
-    cmd = options["cmd"]
     # Python ignores these two; ignored signals survive exec, so give the job the defaults.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    become(options["cmd"])
+    os._exit(EXIT_SETUP_FAILED)  # become() returned: it must not
+
+
+def exec_cmd(cmd: list[str]) -> None:
+    """The cold path's become(): exec the job's command. Never returns."""
     try:
         os.execvp(cmd[0], cmd)
     except OSError as exc:
@@ -151,13 +156,19 @@ def _become_job(options: dict) -> None:
         os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
 
 
-def main(argv: list[str]) -> None:
+def parse(argv: list[str]) -> dict:
+    """The launcher's options from its command line (after the script's name)."""
+    options = _parse(argv)
+    if not options["cmd"] and not options["probe"]:
+        raise ValueError("no command after --")
+    return options
+
+
+def launch(options: dict, become=exec_cmd) -> None:
+    """Join the job's groups, set its limits, enter its namespaces and become the job:
+    become(cmd) in the job's process, once it is confined (the warm runtime runs a Python
+    command in that process instead of exec'ing it: sandbox/zygote.py). Never returns."""
     try:
-        options = _parse(argv)
-        if options["probe"]:
-            _probe(options["probe"])
-        if not options["cmd"]:
-            raise ValueError("no command after --")
         for directory in options["cgroup"]:
             join_cgroup(directory)
         set_limits(int(options["fsize"]), int(options["nofile"]))
@@ -174,11 +185,21 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError, TypeError) as exc:
         _fail(exc)
     if "pid" in names:
-        nsinit.supervise(lambda: _prepare_view(options, proc=True), lambda: _become_job(options),
-                         report)  # fmt: skip
+        nsinit.supervise(lambda: _prepare_view(options, proc=True),
+                         lambda: _become_job(options, become), report)  # fmt: skip
     if report is not None:
         os.close(report)  # without a PID namespace the runner's tree does the counting
-    _become_job(options)
+    _become_job(options, become)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        options = parse(argv)
+        if options["probe"]:
+            _probe(options["probe"])
+    except (OSError, ValueError, TypeError) as exc:
+        _fail(exc)
+    launch(options)
 
 
 if __name__ == "__main__":

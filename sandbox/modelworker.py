@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sandbox import confine, cudaipc, protocol
+from sandbox import confine, cudaipc, protocol, warm
 from sandbox.errors import InvalidModel
 from sandbox.probes import WORKERS
 
@@ -44,7 +44,8 @@ class Worker:
     """One confined model worker: its buffers, its control pipes, its process."""
 
     def __init__(self, index: int, code_dir: Path, weights_dir: Path, device: str, rows: int,
-                 seq_len: int, vocab: int, log_dir: Path, confined: bool):  # fmt: skip
+                 seq_len: int, vocab: int, log_dir: Path, confined: bool,
+                 fork: bool = False):  # fmt: skip
         self.index, self.device = index, device
         self.shape = (rows, seq_len, vocab)
         self._count = 0
@@ -79,14 +80,24 @@ class Worker:
             cmd, self.isolation, self.isolation_note = _confined(
                 cmd, (code_dir, weights_dir, view), self.tmp, device
             )
+        pass_fds = (*self._fds, to_worker_r, from_worker_w)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self._env(),
-                cwd=self.tmp, pass_fds=[*self._fds, to_worker_r, from_worker_w],
-                start_new_session=True,
-            )  # fmt: skip
+            self.process = self._start(cmd, log.fileno(), pass_fds, fork and confined)
         os.close(to_worker_r)
         os.close(from_worker_w)
+
+    def _start(self, cmd: list[str], log: int, pass_fds: tuple[int, ...], fork: bool):
+        """The worker's process: a fork of this warm process (the launcher's options applied
+        by the same code, before the candidate's code runs: sandbox/warm.py), or a new one."""
+        if fork and self.device == "cpu":
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return warm.fork_launch(cmd, str(self.tmp), self._env(), (null, log, log), pass_fds)
+            finally:
+                os.close(null)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=self._env(), cwd=self.tmp, pass_fds=pass_fds,
+                                start_new_session=True)  # fmt: skip
 
     def _env(self) -> dict[str, str]:
         env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}

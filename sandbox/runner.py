@@ -33,14 +33,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sandbox import cgroup, confine
+from sandbox import cgroup, confine, inprocess, warm
 from sandbox.disks import filesystems, free_mb_at
 from sandbox.errors import SandboxConfigError, SandboxError
 from sandbox.gpu import GpuWatch
 from sandbox.group import JobGroup
+from sandbox.phases import PHASE_VARIABLE, PhaseChannel
 from sandbox.proctree import KILL_ROUNDS_SECONDS, set_dumpable, set_subreaper, write_record
 from sandbox.progress import (
     SLACK,
@@ -66,6 +67,7 @@ ENV_ALLOW = (
 )  # fmt: skip
 REASONS = ("ok", "crash", "timeout", "rss", "vram", "disk", "procs", "signal", "interrupted")
 
+AUTO = "auto"  # run()'s runtime: this process's warm runtime, if any, where allowed
 _active = threading.Lock()
 
 
@@ -112,6 +114,8 @@ class RunResult:
     isolation_note: str = ""
     cpu_share: float | None = None  # the share of its cores other processes left it (share.py)
     cpu_seconds: float | None = None  # the job's CPU time, its exited children included
+    launch: str = "cold"  # "warm" (sandbox/warm.py), "cold", or "cold: why not warm"
+    phases: dict[str, float] | None = None  # phase -> seconds after the start (phases.py)
 
 
 def job_env(extra: dict[str, str]) -> dict[str, str]:
@@ -134,6 +138,8 @@ def run(
     confinement: confine.Confinement | None = None,
     pass_fds: tuple[int, ...] = (),
     pid_namespace: bool | None = None,
+    runtime: warm.Runtime | None | str = AUTO,
+    phases: bool = False,
 ) -> RunResult:
     """Run `cmd` to its end or to a limit; setting `stop` ends it with reason `interrupted`.
 
@@ -141,11 +147,17 @@ def run(
     processes unconfined. `pass_fds`: descriptors the job inherits (pipes, memfds).
     `pid_namespace`: a PID namespace of its own where the kernel gives one; None: when
     confined (the trusted scorer asks for one: its CUDA model workers share it).
+    `runtime`: where a Python command starts warm (sandbox/warm.py); AUTO: this process's
+    if it has one, where AR_SANDBOX_WARM allows it; None: cold. `phases`: the job may report its phases
+    (sandbox/phases.py) and the result says when ar saw each.
     An exception inside (KeyboardInterrupt, or one raised by on_progress) kills the whole
     tree before it propagates.
     """
     if not cmd:
         raise SandboxError("the sandbox needs a command to run")
+    if runtime == AUTO:
+        wanted = warm.wanted(confinement is not None and confinement.gpu)
+        runtime = warm.current() if wanted else None
     if not _active.acquire(blocking=False):
         raise SandboxError("another sandbox job is already running in this process")
     group = None
@@ -165,16 +177,21 @@ def run(
             report_fd=group.report_fd,
         )  # fmt: skip
         fds = (*pass_fds, *([group.report_fd] if group.report_fd is not None else []))
-        return _run(launcher, applied, group, cgroup_note, Path(cwd), env, limits, Path(log_path),
-                    on_progress, stop, fds)  # fmt: skip
+        channel = PhaseChannel() if phases else None
+        if channel:
+            env = {**env, PHASE_VARIABLE: str(channel.write_fd)}
+            fds = (*fds, channel.write_fd)
+        start = warm.Start(launcher, Path(cwd), env, fds, runtime if inprocess.parse(cmd) else None)
+        return _run(start, applied, group, cgroup_note, limits, Path(log_path), on_progress, stop,
+                    channel)  # fmt: skip
     finally:
         if group:
             group.close()
         _active.release()
 
 
-def _run(launcher, applied, group, cgroup_note, cwd, env, limits, log_path, on_progress, stop,
-         pass_fds) -> RunResult:  # fmt: skip
+def _run(start, applied, group, cgroup_note, limits, log_path, on_progress, stop,
+         channel) -> RunResult:  # fmt: skip
     log_fd = create_log(log_path)
     reaper = set_subreaper(True)
     dumpable = set_dumpable(False)
@@ -182,31 +199,32 @@ def _run(launcher, applied, group, cgroup_note, cwd, env, limits, log_path, on_p
     try:
         started = time.monotonic()
         try:
-            popen = subprocess.Popen(
-                launcher, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
-                stderr=log_fd, start_new_session=True, pass_fds=pass_fds,
-            )  # fmt: skip
+            popen, launch = start.launch(log_fd)
         except OSError as exc:
-            raise SandboxError(f"cannot start the job in {cwd}: {exc}") from exc
+            raise SandboxError(f"cannot start the job in {start.cwd}: {exc}") from exc
         group.launched(popen.pid)
+        if channel:
+            channel.started(started)
         try:
-            watch = _Watch(
-                popen, group, limits, cwd, log_fd, log_path, env, started, on_progress, stop
-            )
+            watch = _Watch(popen, group, limits, start.cwd, log_fd, log_path, start.env, started,
+                           on_progress, stop, channel)  # fmt: skip
             watch.until_exit()
         except BaseException:
             _kill_job(group, popen, grace=0)
             raise
-        return watch.result(applied, cgroup_note, reaper)
+        return replace(watch.result(applied, cgroup_note, reaper), launch=launch,
+                       phases=channel.seen() if channel else None)  # fmt: skip
     finally:
         if watch:
             watch.close()
+        if channel:
+            channel.close()
         os.close(log_fd)
         set_subreaper(False)
         set_dumpable(dumpable)
 
 
-def _kill_job(group: JobGroup, popen: subprocess.Popen, grace: float) -> bool:
+def _kill_job(group: JobGroup, popen, grace: float) -> bool:
     """Kill the whole job and reap the root. A second Ctrl-C meanwhile does not cut it short.
 
     Returns False when the root outlived every SIGKILL.
@@ -238,7 +256,7 @@ class _Watch:
     """The monitoring of one running job, and what it saw."""
 
     def __init__(self, popen, group, limits, cwd, log_fd, log_path, env, started, on_progress,
-                 stop):  # fmt: skip
+                 stop, channel):  # fmt: skip
         self.popen, self.group, self.limits = popen, group, limits
         self.log_fd, self.log_path = log_fd, log_path
         self.started, self.on_progress, self.stop = started, on_progress, stop
@@ -257,6 +275,9 @@ class _Watch:
         self.last_progress: Progress | None = None
         self.ended = started
         self.share = ShareWatch()
+        self.channel = channel
+        if channel and self.exit_poller:  # a phase wakes the watch: ar's clock reads it at once
+            self.exit_poller[1].register(channel.read_fd, select.POLLIN)
 
     def until_exit(self) -> None:
         deadline = self.started + self.limits.wall_seconds
@@ -277,6 +298,12 @@ class _Watch:
                 self.popen.wait(seconds)
             except subprocess.TimeoutExpired:
                 pass
+        if self.channel and self.channel.listening:
+            self.channel.read()
+            if not self.channel.listening:  # exhausted: no more wake-ups
+                if self.exit_poller:
+                    self.exit_poller[1].unregister(self.channel.read_fd)
+                self.channel.stop()
 
     def _check(self, now: float) -> tuple[str, str, float] | None:
         """(reason, note, grace) when the job must die now, else None."""

@@ -74,6 +74,8 @@ class ExperimentResult:
     depth: float | None = None
     eval_tokens: int | None = None
     eval_seconds: float | None = None
+    eval_timing: dict[str, float] | None = None  # the scorer's: ready (fixed), scoring (batches)
+    eval_launch: str | None = None  # how the scorer started: "warm", "cold", "cold: why"
     eval_note: str | None = None
     twin_rows: int | None = None  # rows the scorer ran for its probes alone
     # the chance that the probes catch a model looking ahead at k positions per row, by k
@@ -87,6 +89,9 @@ class ExperimentResult:
     device: str | None = None
     seed: int | None = None
     log_tail: str | None = None
+    # where the wall time went, on ar's clock: plan, start, warmup, train, save, score, other
+    # (experiment.py's _timing; the job's phases as it reported them: sandbox/phases.py)
+    timing: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

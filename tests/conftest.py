@@ -87,3 +87,16 @@ def micro_ws(tmp_path, micro_data, monkeypatch, request):
     shutil.copytree(micro_data, ws.data_dir)
     monkeypatch.chdir(ws.root)
     return ws
+
+
+@pytest.fixture(scope="session")
+def warm_runtime():
+    """This test process's warm runtime, its server started and ready: runner.run then
+    starts every Python job from it (sandbox/warm.py), so the trust tests that use this
+    fixture pass through the warm path; a job with another boot environment runs cold."""
+    from sandbox import runner, warm
+
+    runtime = warm.runtime()
+    runtime.prestart(runner.job_env({}))
+    runtime.wait_ready()
+    return runtime

@@ -21,6 +21,9 @@ from sandbox.confine import Confinement
 from sandbox.errors import SandboxConfigError
 from sandbox.runner import Limits, job_env, run
 
+# Every job here starts from the warm runtime (conftest.py), as ar's own do.
+pytestmark = pytest.mark.usefixtures("warm_runtime")
+
 CONFINES = confine.support().confines_files
 needs_landlock = pytest.mark.skipif(not CONFINES, reason=confine.support().note)
 DENIED = "DENIED"

@@ -26,6 +26,9 @@ from sandbox import cgroup, confine
 from sandbox.confine import Confinement
 from sandbox.runner import Limits, job_env, run
 
+# Every job here starts from the warm runtime (conftest.py), as ar's own do.
+pytestmark = pytest.mark.usefixtures("warm_runtime")
+
 SUPPORT = confine.support()
 needs_pidns = pytest.mark.skipif(not SUPPORT.pid_namespace, reason=SUPPORT.note)
 needs_landlock = pytest.mark.skipif(not SUPPORT.confines_files, reason=SUPPORT.files_note)
@@ -225,7 +228,9 @@ def test_processes_that_fork_and_exit_faster_than_a_listing_die_with_the_job(dir
     started = time.monotonic()
     result = confined(dirs, code, limits=Limits(wall_seconds=1.5))
     assert result.reason == "timeout" and time.monotonic() - started < 15
-    assert beats.stat().st_size > 100  # they were hopping
+    # they were hopping (a warm job is a fork of a process with torch loaded: each of its
+    # forks copies more page tables than a bare interpreter's, so fewer hops fit in 1.5 s)
+    assert beats.stat().st_size > 20
     size = beats.stat().st_size
     time.sleep(0.5)
     assert beats.stat().st_size == size, "a hopper outlived the kill"

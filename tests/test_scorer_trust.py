@@ -23,11 +23,11 @@ from e2e import ar, git, result_json, rows
 from openai_stub import StubServer
 
 from autoresearch_cli.doors import config as config_mod
-from sandbox.confine import support
-from sandbox.evaluate import evaluate
+from sandbox import warm
+from sandbox.confine import support, switches
 from sandbox.experiment import run_experiment, scorer_command, scorer_env
 from sandbox.modelworker import Worker
-from sandbox.runner import ENV_ALLOW
+from sandbox.runner import ENV_ALLOW, Limits, run
 from sandbox.spec import ExperimentSpec
 
 CONFINED = support().confines_files
@@ -83,11 +83,23 @@ def code_and_weights(ws, tmp_path: Path, train_py: str) -> tuple[Path, Path]:
 
 
 def score(ws, code: Path, weights: Path) -> dict:
+    """The scorer as ar runs it on CPU: a fork of the warm server, forking its two model
+    workers itself (sandbox/warm.py), with the strict probe plan; its eval.json."""
     profile = vars(ws.settings().profile)
-    return evaluate(code, weights, ws.data_dir, profile["eval_tokens"], profile["max_seq_len"],
-                    confine=CONFINED, probe_target=STRICT)  # fmt: skip
+    home, out = weights.parent / "scorer-home", weights.parent / "eval.json"
+    home.mkdir()
+    command = [sys.executable, "-I", "-m", "sandbox.evaluate", "--code-dir", str(code),
+               "--weights-dir", str(weights), "--data-dir", str(ws.data_dir),
+               "--eval-tokens", str(profile["eval_tokens"]), "--seq-len", str(profile["max_seq_len"]),
+               "--log-dir", str(weights.parent), "--probe-target", repr(STRICT), "--out", str(out),
+               "--fork-workers", *(() if CONFINED else ("--no-confine",))]  # fmt: skip
+    scorer = run(command, home, {**scorer_env({}, home), **switches()}, Limits(wall_seconds=300),
+                 weights.parent / "eval.log", pid_namespace=True, runtime=warm.runtime())  # fmt: skip
+    assert scorer.launch == "warm" and scorer.reason == "ok", (scorer.launch, scorer.log_tail)
+    return json.loads(out.read_text())
 
 
+@pytest.mark.usefixtures("warm_runtime")
 @pytest.mark.parametrize("positions", [(0, 1, -2), (-4, -3, -2)], ids=["ends", "last-three"])
 def test_a_look_ahead_at_three_fixed_positions_is_caught(micro_ws, tmp_path, positions):
     # The old probes cut rows only in their middle half: these were never caught.
@@ -100,6 +112,7 @@ def test_a_look_ahead_at_three_fixed_positions_is_caught(micro_ws, tmp_path, pos
     assert result["probe_power"]["3"] >= STRICT and result["probes"] > 300
 
 
+@pytest.mark.usefixtures("warm_runtime")
 def test_the_honest_template_passes_the_same_probes(micro_ws, tmp_path):
     code, weights = code_and_weights(micro_ws, tmp_path, (micro_ws.root / "train.py").read_text())
     result = score(micro_ws, code, weights)
@@ -225,6 +238,7 @@ def test_files_the_job_plants_in_its_tmp_never_reach_the_scorer(micro_ws, tmp_pa
         device="cpu",
     ))  # fmt: skip
     assert result.status == "ok", result.reason
+    assert result.timing["launch"] == {"job": "warm", "scorer": "warm"}  # as ar's own runs start
     assert not (run_dir / "out" / "planted-code-ran").exists()
     line = next(ln for ln in (run_dir / "worker-0.log").read_text().splitlines()
                 if ln.startswith("worker env:"))  # fmt: skip

@@ -437,7 +437,7 @@ def main():
     # torch.compile on CUDA only: on CPU it takes 40 s to compile and is no faster.
     autocast_ctx = (torch.amp.autocast(device_type=device.type, dtype=prepare.AUTOCAST_DTYPE)
                     if prepare.AUTOCAST_DTYPE != torch.float32 else contextlib.nullcontext())
-    timing_skip_steps = 10 if cuda else 1  # first steps compile and warm up: not counted against the budget
+    clock = prepare.BudgetClock(warmup_steps=10 if cuda else 1)  # first steps compile and warm up: not billed
     peak_flops = 989.5e12 if cuda else 0.0  # H100 bf16 dense; no reference peak on CPU
 
     tokenizer = prepare.Tokenizer.from_directory()
@@ -465,12 +465,11 @@ def main():
           f"threads {torch.get_num_threads()} ({prepare.PRECISION_REASON})")
 
     smooth_train_loss = 0.0
-    total_training_time = 0.0
     step = 0
     while True:
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.time()
+        clock.start_step(step)
         for _ in range(grad_accum_steps):
             with autocast_ctx:
                 loss = train_model(x, y)
@@ -478,7 +477,7 @@ def main():
             (loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
 
-        progress = min(total_training_time / prepare.TIME_BUDGET, 1.0)
+        progress = clock.progress
         lrm = get_lr_multiplier(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -495,16 +494,14 @@ def main():
 
         if cuda:
             torch.cuda.synchronize()
-        dt = time.time() - t0
-        if step >= timing_skip_steps:
-            total_training_time += dt
+        dt = clock.end_step(step)
 
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
         mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops if peak_flops else 0.0
-        remaining = max(0.0, prepare.TIME_BUDGET - total_training_time)
+        remaining = clock.remaining
         print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
               f"tok/sec: {tok_per_sec:,} | mfu: {mfu:.1f}% | epoch: {epoch} | remaining: {remaining:.0f}s    ", end="", flush=True)
 
@@ -517,15 +514,15 @@ def main():
             gc.collect()
 
         step += 1
-        if step > timing_skip_steps and total_training_time >= prepare.TIME_BUDGET:
+        if clock.over(step):
             break
     print()
 
-    counted_steps = step - timing_skip_steps
-    steady_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * counted_steps / total_training_time / peak_flops if peak_flops else 0.0
+    counted_steps = step - clock.warmup_steps
+    steady_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * counted_steps / clock.seconds / peak_flops if peak_flops else 0.0
     peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if cuda else 0.0
     print("---")
-    print(f"training_seconds: {total_training_time:.1f}")
+    print(f"training_seconds: {clock.seconds:.1f}")
     print(f"total_seconds:    {time.time() - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
     print(f"mfu_percent:      {steady_mfu:.2f}")
