@@ -287,16 +287,19 @@ def test_no_free_cpu_waits_with_a_reason_and_stop_all_ends_the_jobs(cluster, mic
     holder = ray.remote(ray_node.SlotActor).options(num_cpus=1, scheduling_strategy=(
         NodeAffinitySchedulingStrategy(pool.placement[1], soft=False))).remote()
     ray.get(holder.info.remote())
-    pool.start(1, pool.slots[0], first)
-    pool.start(2, pool.slots[1], second)  # its node's CPU is taken: it waits
-    deadline = time.monotonic() + 60
-    while not worker_processes(cluster):
-        assert time.monotonic() < deadline, "the first run never started"
-        time.sleep(0.2)
-    assert pool.waiting_reason() == "no free CPU in the cluster: 0 of 2 free (1 pending tasks)"
-    assert sorted(pool.stop_all()) == [1, 2]
-    assert pool.running == {}
-    ray.kill(holder)
+    try:
+        pool.start(1, pool.slots[0], first)
+        pool.start(2, pool.slots[1], second)  # its node's CPU is taken: it waits
+        deadline = time.monotonic() + 60
+        while not worker_processes(cluster):
+            assert time.monotonic() < deadline, "the first run never started"
+            time.sleep(0.2)
+        assert pool.waiting_reason() == "no free CPU in the cluster: 0 of 2 free (1 pending tasks)"
+        assert sorted(pool.stop_all()) == [1, 2]
+        assert pool.running == {}
+    finally:  # a failure here must not leave the cluster's CPUs taken for the next test
+        pool.stop_all()
+        ray.kill(holder)
     deadline = time.monotonic() + 20
     while worker_processes(cluster):
         assert time.monotonic() < deadline, "a worker process outlived stop_all"
@@ -332,7 +335,7 @@ import json, sys, time
 from pathlib import Path
 from autoresearch_cli.backends import ray as ray_backend
 from autoresearch_cli.doors.data import read_manifest
-from autoresearch_cli.backends.base import Progressed
+from autoresearch_cli.backends.base import Ended, Progressed
 from sandbox.spec import ExperimentSpec
 
 spec = ExperimentSpec.from_json(Path(sys.argv[2]).read_text())
@@ -340,9 +343,13 @@ data = Path(spec.data_dir)
 pool = ray_backend.connect(sys.argv[1], None, "cpu", read_manifest(data), data)  # no prepare: the node has the data
 slot = pool.free_slots()[0]
 task = pool.start(1, slot, spec)
-while not any(isinstance(event, Progressed) for event in pool.wait(0.5)):
-    pass
-print(json.dumps({"task": task, "slot_class": slot.slot_class}), flush=True)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    events = pool.wait(0.5)
+    if any(isinstance(event, (Progressed, Ended)) for event in events):
+        break
+print(json.dumps({"task": task, "slot_class": slot.slot_class,
+                  "ended": any(isinstance(event, Ended) for event in events)}), flush=True)
 time.sleep(600)
 """
 
@@ -352,10 +359,14 @@ def test_a_restarted_driver_picks_up_its_run(cluster, micro_ws, tmp_path):
     (tmp_path / "spec.json").write_text(spec.to_json())
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, cluster.address,
                                str(tmp_path / "spec.json")], stdout=subprocess.PIPE, text=True)
-    line = driver.stdout.readline()
-    os.kill(driver.pid, signal.SIGKILL)  # the driver dies while its run trains
-    driver.wait()
+    try:
+        line = driver.stdout.readline()  # the driver gives up after 120 s
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)  # the driver dies while its run trains
+        driver.wait()
+    assert line, "the driver printed nothing"
     started = json.loads(line)
+    assert not started["ended"], "the run ended before it reported progress"
     pool = connect(cluster, micro_ws)
     assert not pool.reattach(9, "ar-000000000000-9", "cpu:1", micro_ws.runs_dir / "9")
     assert pool.reattach(1, started["task"], started["slot_class"], Path(spec.run_dir))
