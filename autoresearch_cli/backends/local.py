@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli.backends.base import Ended, Progressed, Slot, SlotPool, plan_slots
+from autoresearch_cli.backends.base import (
+    WORKER_COMMAND,
+    Ended,
+    Progressed,
+    Slot,
+    SlotPool,
+    plan_slots,
+)
 from autoresearch_cli.backends.worker_process import FAILED_EXIT
 from autoresearch_cli.errors import ArError
 
@@ -57,7 +64,7 @@ class LocalWorkers(SlotPool):
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         if slot.cpus:
             env["OMP_NUM_THREADS"] = str(len(slot.cpus))
-        cmd = [sys.executable, "-m", "autoresearch_cli.backends.worker_process", str(spec_path),
+        cmd = [sys.executable, *WORKER_COMMAND, str(spec_path),
                str(os.getpid()), ",".join(map(str, slot.cpus))]
         with open(run_dir / "worker.log", "ab") as log:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
