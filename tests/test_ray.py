@@ -22,7 +22,7 @@ import pytest
 
 from autoresearch_cli.backends import ray as ray_backend
 from autoresearch_cli.backends import ray_node
-from autoresearch_cli.backends.base import Backend, Ended, Progressed
+from autoresearch_cli.backends.base import WORKER_COMMAND, Backend, Ended, Progressed
 from autoresearch_cli.backends.ray import Node, plan_cluster
 from autoresearch_cli.doors.data import prepare_data, read_manifest
 from autoresearch_cli.errors import ArError
@@ -179,7 +179,7 @@ def worker_processes(cluster) -> list[psutil.Process]:
     for name in list(cluster.nodes):
         for process in cluster.processes(name):
             try:
-                if "autoresearch_cli.backends.worker_process" in " ".join(process.cmdline()):
+                if " ".join(WORKER_COMMAND) in " ".join(process.cmdline()):
                     found.append(process)
             except psutil.NoSuchProcess:
                 pass

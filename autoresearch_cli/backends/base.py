@@ -20,6 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from autoresearch_cli.errors import ArError
 
+# After a python: one experiment in a process of its own (backends/worker_process.py), as
+# every backend starts it, on this machine or on a node.
+WORKER_COMMAND = ("-m", "autoresearch_cli.backends.worker_process")
+
 
 @dataclass(frozen=True)
 class Slot:

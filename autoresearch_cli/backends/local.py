@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli.backends.base import Ended, Progressed, Slot, SlotPool, plan_slots
+from autoresearch_cli.backends.base import (
+    WORKER_COMMAND,
+    Ended,
+    Progressed,
+    Slot,
+    SlotPool,
+    plan_slots,
+)
 from autoresearch_cli.backends.worker_process import FAILED_EXIT, SLOT_FLAG
 from autoresearch_cli.errors import ArError
 
@@ -76,7 +83,7 @@ class LocalWorkers(SlotPool):
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         if slot.cpus:
             env["OMP_NUM_THREADS"] = str(len(slot.cpus))
-        cmd = [sys.executable, "-m", "autoresearch_cli.backends.worker_process", SLOT_FLAG,
+        cmd = [sys.executable, *WORKER_COMMAND, SLOT_FLAG,
                str(os.getpid()), ",".join(map(str, slot.cpus)), slot.device]  # fmt: skip
         with open(run_dir / "worker.log", "ab") as log:  # until the child takes the run's own
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoresearch_cli.backends.base import Ended, Progressed, Slot, SlotPool
+from autoresearch_cli.backends.base import WORKER_COMMAND, Ended, Progressed, Slot, SlotPool
 from autoresearch_cli.backends.ray_node import (
     STOP_GRACE_S,
     SlotActor,
@@ -38,7 +38,6 @@ from autoresearch_cli.errors import ArError
 
 NAMESPACE = "ar"  # the Ray namespace of ar's actors
 GPU_RESOURCE = "GPU"
-WORKER_COMMAND = ("-m", "autoresearch_cli.backends.worker_process")  # after the node's python
 CONNECT_TIMEOUT_S = 5.0  # reaching the cluster's address before ray.init (which would hang)
 PROBE_TIMEOUT_S = 120.0  # every node answering what it has (a first Ray worker starts)
 REATTACH_WAIT_S = 10.0  # an actor that has not answered by then is still waiting for a node
