@@ -89,11 +89,13 @@ def micro_ws(tmp_path, micro_data, monkeypatch, request):
     return ws
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def warm_runtime():
     """This test process's warm runtime, its server started and ready: runner.run then
     starts every Python job from it (sandbox/warm.py), so the trust tests that use this
-    fixture pass through the warm path; a job with another boot environment runs cold."""
+    fixture pass through the warm path; a job with another boot environment runs cold.
+    Checked before each test (free while it serves): a test before it may have restarted
+    the server for another boot environment, and a job would then find it starting."""
     from sandbox import runner, warm
 
     runtime = warm.runtime()

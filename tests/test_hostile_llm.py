@@ -144,8 +144,8 @@ def test_two_experiments_at_once_cannot_talk_through_command_lines(micro_ws, stu
     """The attack of issue 21 that fed one experiment's evaluation rows to another's training
     job. About a minute: the baseline, its one-core re-measure, then both experiments."""
     env = use_stub(micro_ws, stub)
-    for _ in range(2):
-        stub.reply(hostile(micro_ws, IN_TRAINING, TALK_WHILE_TRAINING))
+    for k in range(2):  # two different changes: a repeat would be turned back before training
+        stub.reply(hostile(micro_ws, IN_TRAINING, f"{TALK_WHILE_TRAINING}\n_variant = {k}"))
 
     done = ar("iterate", "--n", "2", "--workers", "2", cwd=micro_ws.root, env=env)
 

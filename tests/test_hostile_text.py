@@ -28,8 +28,9 @@ def test_hostile_text_is_cleaned_and_the_repair_prompt_carries_only_extracts(mic
                  f"    raise ValueError(\"boom \" + \"x\" * 2000)")
         stub.reply("Description: \x1b[2J\x1b]0;pwned\x07raise LR\x00 \u202eevil\n\n"
                    f"<<<<<<< SEARCH\n{line}\n=======\n{crash}\n>>>>>>> REPLACE\n")
+        # the repair is a change of its own (one restoring the baseline would be a repeat)
         stub.reply("Description: fix \ud800 it\n\n"
-                   f"<<<<<<< SEARCH\n{crash}\n=======\n{line}\n>>>>>>> REPLACE\n")
+                   f"<<<<<<< SEARCH\n{crash}\n=======\n{line}\nREPAIRED = 1\n>>>>>>> REPLACE\n")
         env = {**os.environ, "AR_TEST_KEY": "sk-test"}
         done = ar("iterate", "--n", "1", cwd=root, env=env)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -138,7 +138,7 @@ def block(old: str, new: str, description: str) -> str:
 def test_a_repeat_is_turned_back_with_the_earlier_result_and_another_idea_asked_for(stub, agent):
     history = long_history()
     repeat = block("MATRIX_LR = 0.04  # learning rate for matrices",
-                   "MATRIX_LR = 6e-2     # a bit higher", "try a higher matrix LR")
+                   "MATRIX_LR = 6e-2     # a bit higher \ud800", "try a higher matrix LR")
     fresh = block("DEPTH = 8  # number of layers", "DEPTH = 6  # number of layers", "fewer layers")
     stub.reply(repeat)
     stub.reply(fresh)
@@ -149,6 +149,9 @@ def test_a_repeat_is_turned_back_with_the_earlier_result_and_another_idea_asked_
                                 "experiment #3 (MATRIX_LR 0.04 -> 0.06)")
     assert "scored 1.990000 over 2 runs (discard" in follow_up
     assert "Propose a different experiment" in follow_up
+    # the model's own reply goes back to it encodable (a lone surrogate cannot be sent)
+    echoed = stub.requests[1]["json"]["messages"][-2]["content"]
+    assert "a bit higher" in echoed and "\ud800" not in echoed
 
 
 def test_repeats_to_the_end_make_an_invalid_proposal(stub, agent):

@@ -150,6 +150,29 @@ def connect(cluster, ws, workers=None):
     return pool
 
 
+def training_job(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The training job's processes among a node's: started cold, its command names
+    train.py; forked warm (sandbox/warm.py), its command line is the warm server's, but
+    it runs in a PID namespace of its own, which no process of the node shares."""
+    def pid_namespace(process: psutil.Process) -> str | None:
+        try:
+            return os.readlink(f"/proc/{process.pid}/ns/pid")
+        except OSError:
+            return None
+
+    node = pid_namespace(processes[0])
+    found = []
+    for process in processes:
+        try:
+            cold = "train.py" in " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        space = pid_namespace(process)
+        if cold or (space is not None and node is not None and space != node):
+            found.append(process)
+    return found
+
+
 def run_until_ended(pool, count: int, timeout: float = RUN_TIMEOUT_S):
     """(Ended by exp id, exp ids that reported progress before the first end)."""
     ended, progressed = {}, set()
@@ -441,7 +464,7 @@ def test_a_node_killed_mid_run_interrupts_and_requeues(cluster, micro_ws):
     slot = next(s for s in pool.slots if pool.placement[s.index] == node_b)
     pool.start(1, slot, specs(micro_ws, 1)[0])
     wait_for_progress(pool, 1)
-    job = [p for p in cluster.processes("b") if "train.py" in " ".join(p.cmdline())]
+    job = training_job(cluster.processes("b"))
     assert job, "no training job under the node"
     victims = cluster.kill_node("b")
     ended, _ = run_until_ended(pool, 1, timeout=90)

@@ -49,6 +49,7 @@ from autoresearch_cli.agents.prompt import (
     sounds_finished,
 )
 from autoresearch_cli.agents.streaming import StreamedReply, cached_tokens, stream_reply
+from autoresearch_cli.doors.text import unicode_safe
 from autoresearch_cli.errors import AgentError
 
 MAX_ATTEMPTS = 5  # HTTP tries per message, for transient failures
@@ -159,6 +160,7 @@ class LLMAgent:
         summary = ""
         for _ in range(self.edit_retries + 1):
             reply, ended_by = self._complete(litellm, messages, deadline, recorder)
+            reply = unicode_safe(reply)  # a lone surrogate can be neither parsed, saved nor sent back
             try:
                 proposal = proposal_from_reply(train_py, reply)
             except EditError as exc:
