@@ -134,7 +134,7 @@ def _listen():
         print("listening", _time.time(), flush=True)
         _time.sleep(0.2)
 _th.Thread(target=_listen, daemon=True).start()
-_time.sleep(10)  # hold the window open
+_time.sleep(20)  # hold the window open: the other starts when the baseline's re-measure ends
 """
 
 
