@@ -10,7 +10,6 @@ import pytest
 
 from autoresearch_cli.agents import CallRecord
 from autoresearch_cli.doors.ledger import (
-    MIGRATIONS,
     Ledger,
     ledger_path,
     now,
@@ -18,6 +17,7 @@ from autoresearch_cli.doors.ledger import (
 )
 from autoresearch_cli.doors.lock import ExperimentLock
 from autoresearch_cli.doors.records import Run
+from autoresearch_cli.doors.schema import MIGRATIONS
 from autoresearch_cli.errors import ArError, BusyError, WorkspaceError
 
 SHA_A = "a" * 40
