@@ -134,6 +134,8 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
     out_dir.mkdir(exist_ok=True)
     tmp_dir.mkdir(exist_ok=True)
     device = resolve_device(spec.device)
+    _own_server_settled()  # before the load is sampled: its imports are not competition
+    settled = time.monotonic()
     cpu = _cpu_plan(device)
     planned = time.monotonic()
     hard_kill = spec.time_budget + spec.startup_allowance
@@ -195,7 +197,7 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
         result.status, result.reason = _score(spec, run_dir, device, cpu.env, result, runtime)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     result.total_seconds = round(time.monotonic() - begun, 2)
-    before = {"plan": planned - begun, "server": served - planned}
+    before = {"plan": planned - settled, "server": settled - begun + served - planned}
     result.timing = _timing(train, before, result)
     _remember_plan(device, cpu, result.cpu_share)
     if result.status != "ok":
@@ -214,6 +216,15 @@ def _cpu_plan(device: str) -> CpuPlan:
         return plan_cpu(device)
     return dataclasses.replace(plan, reason=f"{plan.reason}; reused: the last run here had its "
                                             "cores to itself")  # fmt: skip
+
+
+def _own_server_settled() -> None:
+    """Wait for this process's warm server if it is starting: its imports keep a core busy
+    for seconds, and a load sample taken meanwhile would plan the job for a machine half
+    taken (one thread, then a disturbed run at two thirds of the throughput)."""
+    runtime = warm.current()
+    if runtime is not None and runtime.pid is not None:
+        runtime.wait_ready(WARM_WAIT_S)
 
 
 def _remember_plan(device: str, cpu: CpuPlan, share: float | None) -> None:

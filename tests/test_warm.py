@@ -227,3 +227,20 @@ def test_the_server_exits_with_the_process_that_started_it(tmp_path):
     while time.monotonic() < deadline and psutil.pid_exists(server):
         time.sleep(0.05)
     assert not psutil.pid_exists(server) or psutil.Process(server).status() == "zombie"
+
+
+def test_a_runs_load_sample_waits_for_its_own_starting_server():
+    """The server's imports keep a core busy for seconds: a load sample taken meanwhile
+    planned the first run of every `ar` process for a half-taken machine (one thread, two
+    thirds of the throughput). The run now waits for its own server before it samples."""
+    code = textwrap.dedent("""
+        from sandbox import experiment, warm
+        experiment.prestart_warm("cpu")
+        starting = not warm.runtime().wait_ready(0)
+        experiment._own_server_settled()
+        print(starting, warm.runtime().wait_ready(0), flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=240, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]  # starting when asked, serving after
