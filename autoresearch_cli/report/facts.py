@@ -18,7 +18,7 @@ from autoresearch_cli.doors.records import IN_FLIGHT, Run
 from autoresearch_cli.doors.text import one_line
 from autoresearch_cli.report import log
 from autoresearch_cli.report.plot import PlotData, plot_data
-from autoresearch_cli.research.evidence import CommitEvidence, Evidence, Gain
+from autoresearch_cli.research.evidence import CommitEvidence, Evidence, Gain, gain
 from autoresearch_cli.research.findings import Ablation, Transfer, ablations, transfers
 
 Row = log.Row
@@ -119,14 +119,16 @@ def build(evidence: Evidence, cost: CostTotal, repo: Path | None = None, title: 
     steps = [Step(row, diffs[index - 1], by_step.get(row["id"]))
              for index, row in enumerate(chain) if index]
     gained = evidence.gain()
+    held_start = evidence.holdout(start) if start else None
+    held_best = evidence.holdout(best) if best else None
     costs = Costs(cost, _hours(evidence, "total_seconds"), _hours(evidence, "training_seconds"),
                   gained.value if gained else None)
     return Report(
         title=title, generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         summary=log.summary(evidence, cost),
         val=Headline("val", start, best, gained),
-        holdout=Headline("holdout", evidence.holdout(start) if start else None,
-                         evidence.holdout(best) if best else None, evidence.holdout_gain()),
+        holdout=Headline("holdout", held_start, held_best,
+                         gain(held_start, held_best) if start and best else None),
         plot=plot_data(evidence),
         noise_sigma=evidence.noise(best.slot_class).sigma if best else None,
         steps=steps, ablations=found, transfers=transfers(evidence),

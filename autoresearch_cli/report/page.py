@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from html import escape
 
+from autoresearch_cli.doors.records import at_other_budget
 from autoresearch_cli.report import svg
 from autoresearch_cli.report.facts import Headline, Report
 from autoresearch_cli.research.evidence import Gain
@@ -82,7 +83,7 @@ def summary_section(report: Report) -> str:
 
 def plot_section(report: Report) -> str:
     info = {run_id: report.class_names.get(run_id, "") for run_id, _ in report.plot.runs}
-    hidden = sum(1 for name in report.class_names.values() if "@" in name)
+    hidden = sum(1 for name in report.class_names.values() if at_other_budget(name))
     note = (f'<p class="muted">{hidden} runs at another budget are not drawn (see Transfer).</p>'
             if hidden else "")
     return svg.svg(report.plot, report.noise_sigma, info) + note
@@ -240,13 +241,13 @@ def sections(report: Report, live: bool = False) -> dict[str, str]:
 
 
 def page(report: Report, live_script: str = "", policy: str = STATIC_POLICY,
-         version: str = "") -> str:
-    """The whole page; `live_script` (with its `policy`) makes it the live page."""
+         version: str = "", fragments: dict[str, str] | None = None) -> str:
+    """The whole page; `live_script` (with its `policy`) makes it the live page.
+    `fragments`: the sections already rendered (the live page's), else rendered here."""
     live = bool(live_script)
-    body = [f'<section><h2>{heading}</h2><div id="{name}">{html}</div></section>'
-            for (name, heading, _), html in zip(
-                [s for s in SECTIONS if live or s[0] not in LIVE_ONLY],
-                sections(report, live).values(), strict=True)]
+    fragments = fragments if fragments is not None else sections(report, live)
+    body = [f'<section><h2>{heading}</h2><div id="{name}">{fragments[name]}</div></section>'
+            for name, heading, _ in SECTIONS if live or name not in LIVE_ONLY]
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
             '<link rel="icon" href="data:,">'

@@ -13,6 +13,7 @@ regular file, and only its step numbers are shown).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -117,12 +118,12 @@ class LivePage:
             policy = (f"default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
                       f"connect-src 'self'; script-src 'nonce-{self.nonce}'")
             return page.page(self._report, live_script=script, policy=policy,
-                             version=state["version"])
+                             version=state["version"], fragments=state["sections"])
 
 
 def _moved(run: Running, progress: tuple[float | None, float | None]) -> Running:
     percent, loss = progress
-    return Running(run.id, run.kind, run.status, run.description, run.started_at, percent, loss)
+    return dataclasses.replace(run, percent=percent, loss=loss)
 
 
 def handler_for(live: LivePage, port: Callable[[], int]) -> type[BaseHTTPRequestHandler]:

@@ -113,7 +113,7 @@ def _text(row: dict[str, Any]) -> str:
     if row["gain"] is not None:
         spread = f" ± {row['gain_half_width']:.4f}" if row["gain_half_width"] is not None else ""
         parts.append(f"gain {row['gain']:+.4f}{spread}")
-    text = " ".join(" ".join(row["description"].split()).split())[:DESCRIPTION_CHARS]
+    text = " ".join(row["description"].split())[:DESCRIPTION_CHARS]
     if text:
         parts.append(text)
     elif row.get("reason"):

@@ -3,16 +3,15 @@ report, write the page and its Markdown summary side by side."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from autoresearch_cli.doors.ledger import Ledger
 from autoresearch_cli.doors.workspace import Workspace
-from autoresearch_cli.errors import WorkspaceError
 from autoresearch_cli.report.facts import Report, build
 from autoresearch_cli.report.markdown import markdown
 from autoresearch_cli.report.page import page
 from autoresearch_cli.research.evidence import Evidence
+from autoresearch_cli.research.export import write_text_atomic
 
 
 def read(ws: Workspace, ledger: Ledger | None = None, progress=None) -> Report:
@@ -35,16 +34,5 @@ def write(ws: Workspace, out: Path | None = None) -> tuple[Path, Path]:
     html_path = Path(out) if out is not None else default_out(ws)
     md_path = html_path.with_suffix(".md")
     for path, text in ((html_path, page(report)), (md_path, markdown(report))):
-        _write_atomically(path, text)
+        write_text_atomic(path, text)
     return html_path, md_path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise WorkspaceError(f"cannot write {path}: {exc}") from exc

@@ -376,13 +376,6 @@ class Evidence:
         """`commit` scored on the holdout split, with the holdout's noise on its class."""
         return holdout(commit, self._holdout_noise.get(commit.slot_class, Noise(None, 0, 0)))
 
-    def holdout_gain(self, slot_class: str | None = None) -> Gain | None:
-        """Baseline -> best on the holdout split, on the same runs as `gain`."""
-        best, start = self.best(slot_class), self.baseline(slot_class)
-        if not best or not start:
-            return None
-        return gain(self.holdout(start), self.holdout(best))
-
     def counts(self) -> dict[str, int]:
         """How many runs ended each way (outcome words)."""
         words: dict[str, int] = defaultdict(int)

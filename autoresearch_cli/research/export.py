@@ -54,15 +54,20 @@ def _flat(text: str | None) -> str:
 def export_tsv(evidence: Evidence, path: str | os.PathLike[str]) -> int:
     """Write results.tsv atomically; returns the number of lines below the header."""
     lines = tsv_lines(evidence)
-    target = Path(path)
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")
+    return len(lines) - 1
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    """Write `text` to `target` whole or not at all (a reader never sees half of it)."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("\n".join(lines) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise WorkspaceError(f"cannot write {target}: {exc}") from exc
-    return len(lines) - 1
