@@ -8,6 +8,7 @@ mean, a gain or an interval of its own. The diffs come from git (doors/gitops.py
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,8 +115,8 @@ def build(evidence: Evidence, cost: CostTotal, repo: Path | None = None, title: 
     found = ablations(evidence)
     by_step = {ablation.step.id: ablation for ablation in found}
     chain = log.best_chain(evidence)
-    shas = [commit.sha for commit in evidence.chain()]
-    diffs = _step_diffs(repo, shas)
+    shas = tuple(commit.sha for commit in evidence.chain())
+    diffs, whole_diff = _chain_diffs(repo, shas)
     steps = [Step(row, diffs[index - 1], by_step.get(row["id"]))
              for index, row in enumerate(chain) if index]
     gained = evidence.gain()
@@ -134,7 +135,7 @@ def build(evidence: Evidence, cost: CostTotal, repo: Path | None = None, title: 
         steps=steps, ablations=found, transfers=transfers(evidence),
         failures=failure_groups(evidence),
         costs=costs,
-        whole_diff=_diff(repo, shas[0], shas[-1]) if len(shas) > 1 else "",
+        whole_diff=whole_diff,
         noise=log.noise_lines(evidence),
         latest=latest_decisions(evidence),
         running=running(evidence, progress),
@@ -146,15 +147,18 @@ def _diff(repo: Path | None, old: str, new: str) -> str:
     return gitops.diff(repo, old, new) if repo is not None and old != new else ""
 
 
-def _step_diffs(repo: Path | None, shas: list[str]) -> list[str]:
-    """The diff of each step of the chain `shas` from the step before: one git call for
-    all (each commit against its git parent, which ar made it on), a call of its own for
-    a step whose git parent is not the step before."""
+@functools.lru_cache(maxsize=4)
+def _chain_diffs(repo: Path | None, shas: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """(the diff of each step of the chain `shas` from the step before, the whole diff).
+    The steps' in one git call (each commit against its git parent, which ar made it on),
+    a call of its own for a step whose git parent is not the step before. Cached: commits
+    never change, and the live page rebuilds its report on every row the loop writes."""
+    whole = _diff(repo, shas[0], shas[-1]) if len(shas) > 1 else ""
     if repo is None:
-        return [""] * max(len(shas) - 1, 0)
-    own = gitops.own_diffs(repo, shas[1:])
-    return [own[new][1] if own.get(new, ("",))[0] == old else _diff(repo, old, new)
-            for old, new in zip(shas, shas[1:], strict=False)]
+        return ("",) * max(len(shas) - 1, 0), whole
+    own = gitops.own_diffs(repo, list(shas[1:]))
+    return tuple(own[new][1] if own.get(new, ("",))[0] == old else _diff(repo, old, new)
+                 for old, new in zip(shas, shas[1:], strict=False)), whole
 
 
 def _hours(evidence: Evidence, column: str) -> float:
