@@ -381,7 +381,7 @@ RunsOption = Annotated[int, typer.Option(
 def _study(command: str, plan_for, backend: str, workers: int | None, address: str | None,
            allowed: bool):
     """Plan a study in a session (`plan_for(session)` -> studies.Plan), run it, and return
-    the evidence after it."""
+    the plan and the evidence after it."""
     from autoresearch_cli.research import loop
 
     _check_backend(backend, address)
@@ -395,7 +395,7 @@ def _study(command: str, plan_for, backend: str, workers: int | None, address: s
             with _display(current) as display:
                 loop.study(current, plan, display, backend=backend, workers=workers,
                            address=address)
-            return current.evidence()
+            return plan, current.evidence()
 
 
 @app.command()
@@ -413,8 +413,8 @@ def ablate(
     from autoresearch_cli.report.log import render_ablations
     from autoresearch_cli.research import findings, studies
 
-    evidence = _study("ar ablate", lambda current: studies.plan_ablation(current, runs),
-                      backend, workers, address, unsafe_unconfined)
+    _, evidence = _study("ar ablate", lambda current: studies.plan_ablation(current, runs),
+                         backend, workers, address, unsafe_unconfined)
     Console().print(render_ablations(findings.ablations(evidence)))
 
 
@@ -434,15 +434,11 @@ def transfer(
     from autoresearch_cli.report.log import render_transfers
     from autoresearch_cli.research import findings, studies
 
-    planned: dict[str, str] = {}
-
-    def plan_for(current):
-        plan, planned["class"] = studies.plan_transfer(current, budget_factor, runs)
-        return plan
-
-    evidence = _study("ar transfer", plan_for, backend, workers, address, unsafe_unconfined)
+    plan, evidence = _study("ar transfer",
+                            lambda current: studies.plan_transfer(current, budget_factor, runs),
+                            backend, workers, address, unsafe_unconfined)
     Console().print(render_transfers([found for found in findings.transfers(evidence)
-                                      if found.slot_class == planned["class"]]))
+                                      if found.slot_class == plan.slot_class]))
 
 
 @app.command()

@@ -123,7 +123,8 @@ def test_transfer_runs_both_at_k_times_the_budget_on_a_class_of_their_own(chain)
     current, _ = chain
     evidence_before = current.evidence()
     best_before = evidence_before.best()
-    plan, slot_class = studies.plan_transfer(current, factor=2, runs=2)
+    plan = studies.plan_transfer(current, factor=2, runs=2)
+    slot_class = plan.slot_class
     assert slot_class == budget_class(best_before.slot_class, 6) == "cpu:1@6s"
     assert [task.kind for task in plan.tasks] == ["transfer"] * 4
     pool = SeededWorkers(ONE, RESULTS, longer=0.5)  # the gain halves with twice the training

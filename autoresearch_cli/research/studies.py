@@ -41,6 +41,7 @@ class Plan:
 
     tasks: list[Task] = field(default_factory=list)
     skipped: list[tuple[Run, str]] = field(default_factory=list)
+    slot_class: str | None = None  # a transfer's: the class that names its budget
 
 
 def run_plan(current: Session, backend: Backend, plan: Plan, on_event: Events = quiet) -> None:
@@ -146,9 +147,9 @@ def _commit_variant(current: Session, parent: str, train_py: str, message: str) 
 # --- transfer ------------------------------------------------------------------------------
 
 
-def plan_transfer(current: Session, factor: float, runs: int) -> tuple[Plan, str]:
-    """Runs of the baseline and the best at `factor` times the budget, pair by pair; and
-    the class they are recorded on."""
+def plan_transfer(current: Session, factor: float, runs: int) -> Plan:
+    """Runs of the baseline and the best at `factor` times the budget, pair by pair, and
+    the class they are recorded on (plan.slot_class)."""
     if factor <= 0:
         raise ArError(f"--budget-factor must be positive, got {factor:g}")
     evidence = current.evidence()
@@ -158,7 +159,7 @@ def plan_transfer(current: Session, factor: float, runs: int) -> tuple[Plan, str
     hardware = hardware_of(best.slot_class) or ""
     budget = float(current.settings.profile.time_budget) * factor
     slot_class = budget_class(hardware, budget)
-    plan = Plan()
+    plan = Plan(slot_class=slot_class)
     for index in range(runs):  # pair by pair: a stopped transfer leaves whole pairs
         for name, sha in (("baseline", evidence.baseline_sha), ("best", best.sha)):
             if index in evidence.commit(sha, slot_class).by_seed():
@@ -167,4 +168,4 @@ def plan_transfer(current: Session, factor: float, runs: int) -> tuple[Plan, str
                                    seed_index=index, slot_class=hardware, time_budget=budget,
                                    description=f"transfer: the {name} at {budget:g} s "
                                                f"({factor:g}x the budget), seed {index}"))
-    return plan, slot_class
+    return plan
