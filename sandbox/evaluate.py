@@ -177,7 +177,7 @@ def evaluate(
         "val_tokens": 0, "holdout_tokens": 0, "eval_tokens_requested": int(eval_tokens),
         "num_params_M": None, "causality_max_diff": None, "seconds": 0.0, "note": "",
         "twin_rows": 0, "probes": 0, "probe_power": None, "worker_isolation": None,
-        "worker_isolation_note": None, "timing": {},
+        "worker_isolation_note": None, "batch_rows": None, "timing": {},
     }  # fmt: skip
     own_log_dir = log_dir is None
     logs = Path(tempfile.mkdtemp(prefix="ar-eval-")) if own_log_dir else Path(log_dir)
@@ -215,6 +215,7 @@ def _evaluate(code_dir, weights_dir, data_dir, eval_tokens, seq_len, device, bat
     total_rows = sum(scored_rows(tokens, eval_tokens, seq_len) for tokens in split_tokens.values())
     batch_size = max(1, min(batch_size or pick_batch_size(device, seq_len, vocab_size),
                             total_rows))  # fmt: skip
+    result["batch_rows"] = batch_size
     if device == "cuda":  # the shared device buffers need CUDA before the workers start
         import torch
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandbox import compilecache, confine, phases, warm
+from sandbox import compilecache, confine, evalbatch, phases, warm
 from sandbox.cpu import (
     ISA_ENV_VARS,
     QUIET_WAIT_POLICY,
@@ -34,6 +34,8 @@ from sandbox.cpu import (
     plan_cpu,
     thread_env,
 )
+from sandbox.errors import InvalidModel
+from sandbox.evaluate import data_shape
 from sandbox.files import write_json_atomic
 from sandbox.runner import Limits, RunResult, job_env, run
 from sandbox.spec import ExperimentResult, ExperimentSpec
@@ -284,10 +286,11 @@ def scorer_env(cpu_env: dict[str, str], home: Path) -> dict[str, str]:
     return job_env({**cpu_env, "HOME": str(home), "TMPDIR": str(home)})
 
 
-def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str,
-                   fork_workers: bool = False) -> list[str]:  # fmt: skip
+def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str, fork_workers: bool = False,
+                   batch_rows: int | None = None) -> list[str]:  # fmt: skip
     """The trusted scorer of the weights in run_dir/out, run from the installed package;
-    `fork_workers`: it starts warm and forks its model workers (sandbox/warm.py)."""
+    `fork_workers`: it starts warm and forks its model workers (sandbox/warm.py);
+    `batch_rows`: rows per batch (None: the scorer's own pick)."""
     return [
         spec.python, "-I", "-m", "sandbox.evaluate",
         "--code-dir", str(Path(spec.code_dir).resolve()),
@@ -298,7 +301,20 @@ def scorer_command(spec: ExperimentSpec, run_dir: Path, device: str,
         "--timeout", str(spec.eval_timeout), "--out", str(run_dir / "eval.json"),
         *(() if spec.confine else ("--no-confine",)),
         *(("--fork-workers",) if fork_workers else ()),
+        *(("--batch-size", str(batch_rows)) if batch_rows else ()),
     ]  # fmt: skip
+
+
+def scorer_rows(spec: ExperimentSpec, device: str) -> int | None:
+    """Rows per batch of the scorer's workers: on CPU measured for this machine and shape
+    (sandbox/evalbatch.py, seconds once, then cached); None on CUDA or when unmeasured."""
+    if device != "cpu":
+        return None
+    try:
+        vocab, _ = data_shape(Path(spec.data_dir))
+    except InvalidModel:
+        return None  # the scorer says what is wrong with the data
+    return evalbatch.rows_per_batch(int(spec.seq_len), vocab)
 
 
 def _score(spec: ExperimentSpec, run_dir: Path, device: str, cpu_env: dict[str, str],
@@ -309,8 +325,10 @@ def _score(spec: ExperimentSpec, run_dir: Path, device: str, cpu_env: dict[str, 
     eval_json.unlink(missing_ok=True)
     home = Path(tempfile.mkdtemp(prefix="ar-score-"))
     started = time.monotonic()
+    rows = scorer_rows(spec, device)
     warm_scorer = runtime is not None and runtime.wait_ready(WARM_WAIT_S)
-    command = scorer_command(spec, run_dir, device, warm_scorer and device == "cpu" and spec.confine)
+    command = scorer_command(spec, run_dir, device, warm_scorer and device == "cpu" and spec.confine,
+                             rows)  # fmt: skip
     try:
         # A PID namespace of its own: the CUDA model workers share it (see confine.py). The
         # scorer confines its workers itself, so it gets ar's AR_SANDBOX_* switches.

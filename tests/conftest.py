@@ -10,9 +10,17 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def _machine_cache(tmp_path_factory) -> Path:
+    """One cache of this machine's measurements for the session (~/.cache/ar: the scorer's
+    batch size, sandbox/evalbatch.py), as a user's machine keeps it across runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_git(tmp_path_factory, monkeypatch):
+def _isolated_git(tmp_path_factory, monkeypatch, _machine_cache):
     """A hostile global git config: ar must not depend on (or be broken by) it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_machine_cache))
     home = tmp_path_factory.mktemp("home")
     gitconfig = home / ".gitconfig"
     gitconfig.write_text(

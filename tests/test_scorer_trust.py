@@ -23,7 +23,7 @@ from e2e import ar, git, result_json, rows
 from openai_stub import StubServer
 
 from autoresearch_cli.doors import config as config_mod
-from sandbox import warm
+from sandbox import evalbatch, warm
 from sandbox.confine import support, switches
 from sandbox.experiment import run_experiment, scorer_command, scorer_env
 from sandbox.modelworker import Worker
@@ -239,6 +239,9 @@ def test_files_the_job_plants_in_its_tmp_never_reach_the_scorer(micro_ws, tmp_pa
     ))  # fmt: skip
     assert result.status == "ok", result.reason
     assert result.timing["launch"] == {"job": "warm", "scorer": "warm"}  # as ar's own runs start
+    scored = json.loads((run_dir / "eval.json").read_text())  # in batches of this machine's size
+    assert scored["batch_rows"] == evalbatch.rows_per_batch(profile["max_seq_len"],
+                                                            profile["vocab_size"])  # fmt: skip
     assert not (run_dir / "out" / "planted-code-ran").exists()
     line = next(ln for ln in (run_dir / "worker-0.log").read_text().splitlines()
                 if ln.startswith("worker env:"))  # fmt: skip
