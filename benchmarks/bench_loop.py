@@ -13,6 +13,7 @@ Target: <= 0.15 s per experiment; ledger, git and disk stay bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ from autoresearch_cli.agents.random_agent import RandomAgent  # noqa: E402
 from autoresearch_cli.backends.base import machine_class  # noqa: E402
 from autoresearch_cli.doors import gitops, workspace  # noqa: E402
 from autoresearch_cli.doors.config import with_keep  # noqa: E402
+from autoresearch_cli.doors.data import MANIFEST_FORMAT  # noqa: E402
 from autoresearch_cli.research import loop  # noqa: E402
 from autoresearch_cli.research import session as runs  # noqa: E402
 
@@ -62,7 +64,7 @@ def main(iterations: int = 100) -> None:
         (ws.root / "train.py").write_text(INSTANT_TRAIN_PY)
         gitops.commit_all(ws.root, "instant train.py")
         ws.data_dir.mkdir(parents=True)
-        (ws.data_dir / "manifest.json").write_text("{}")
+        (ws.data_dir / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT}))  # no data: the job reads none
         agent = RandomAgent(seed=0)
         ended: list[float] = []
         load = os.getloadavg()[0]

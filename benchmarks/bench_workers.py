@@ -13,6 +13,7 @@ what a second worker buys.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -28,6 +29,7 @@ from autoresearch_cli.backends.base import Ended, Slot, SlotPool  # noqa: E402
 from autoresearch_cli.backends.local import LocalWorkers  # noqa: E402
 from autoresearch_cli.doors import gitops, workspace  # noqa: E402
 from autoresearch_cli.doors.config import with_keep  # noqa: E402
+from autoresearch_cli.doors.data import MANIFEST_FORMAT  # noqa: E402
 from autoresearch_cli.research import session as runs  # noqa: E402
 from autoresearch_cli.research.scheduler import Scheduler  # noqa: E402
 from benchmarks.bench_loop import INSTANT_TRAIN_PY  # noqa: E402
@@ -87,7 +89,7 @@ def _workspace(tmp: str, train_py: str | None, data_from: Path | None = None):
         shutil.copytree(data_from, ws.data_dir)
     else:
         ws.data_dir.mkdir(parents=True)
-        (ws.data_dir / "manifest.json").write_text("{}")
+        (ws.data_dir / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT}))  # no data: the job reads none
     return ws
 
 
