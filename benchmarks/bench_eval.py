@@ -44,7 +44,7 @@ import probe_power  # noqa: E402  (beside this file)
 from autoresearch_cli.doors import workspace  # noqa: E402
 from autoresearch_cli.doors.config import PROFILES, load_raw  # noqa: E402
 from autoresearch_cli.doors.data import prepare_data  # noqa: E402
-from sandbox import confine, proctree, warm  # noqa: E402
+from sandbox import confine, evalbatch, proctree, warm  # noqa: E402
 from sandbox.evaluate import pick_batch_size  # noqa: E402
 from sandbox.runner import job_env  # noqa: E402
 
@@ -146,6 +146,12 @@ def time_scoring(code: Path, out: Path, data_dir: Path, profile: dict, device: s
             ways["in-process, warm"] = (_reference(code, out, data_dir, profile, device, extra),
                                         runtime)  # fmt: skip
             ways["probes, warm"] = ([*scorer, "--fork-workers"], runtime)
+            rows = evalbatch.rows_per_batch(seq_len, profile["vocab_size"])
+            if rows:  # as ar runs it: the rows per batch measured for this machine
+                ways[f"in-process, warm, {rows} rows"] = (
+                    [*_reference(code, out, data_dir, profile, device, extra), str(rows)], runtime)
+                ways[f"probes, warm, {rows} rows"] = (
+                    [*scorer, "--fork-workers", "--batch-size", str(rows)], runtime)
         seconds: dict[str, list[float]] = {way: [] for way in ways}
         results: dict[str, dict] = {}
         for _ in range(repeat):
@@ -215,21 +221,30 @@ def timing_lines(timed: dict, device: str) -> list[str]:
 
 
 def warm_lines(timed: dict) -> list[str]:
-    """The warm runtime's figures: the split against one process on the same rows."""
+    """The warm runtime's figures: the split against one process on the same rows, at the
+    scorer's default batch and at the one measured for this machine (sandbox/evalbatch.py)."""
     if "probes, warm" not in timed:
         return ["  warm runtime: not measured (no warm server here, or not on CPU)"]
-    reference, result = timed["in-process, warm"][0], timed["probes, warm"][1]
-    split = timed["probes, warm"][0]
-    ready, batches = result["timing"]["ready"], result["timing"]["scoring"]
-    ratio = split / reference
-    return [
-        f"  warm, one process, the same rows (scored + {result['twin_rows']} probe rows): "
-        f"{reference:7.2f} s",
-        f"  warm, scorer + 2 forked workers, with probes:  {split:7.2f} s  {ratio:.2f}x (target "
-        f"<= 1.2x: {'ok' if ratio <= 1.2 else 'OVER TARGET'}); of it, fixed {split - batches:.2f} s "
-        f"(workers ready after {ready:.2f} s) and arithmetic {batches:.2f} s "
-        f"(cold scorer: {timed['probes'][0]:.2f} s in all)",
-    ]
+    lines = []
+    for suffix in [""] + [way[len("probes, warm"):] for way in timed
+                          if way.startswith("probes, warm, ")]:  # fmt: skip
+        reference, (split, result) = timed[f"in-process, warm{suffix}"][0], timed[f"probes, warm{suffix}"]
+        ready, batches = result["timing"]["ready"], result["timing"]["scoring"]
+        ratio = split / reference
+        batch = f"{result['batch_rows']} rows per batch" + (" (measured here)" if suffix else "")
+        lines += [
+            f"  warm, {batch}: one process, the same rows (scored + {result['twin_rows']} probe "
+            f"rows): {reference:.2f} s",
+            f"    scorer + 2 forked workers, with probes: {split:.2f} s  {ratio:.2f}x (target "
+            f"<= 1.2x: {'ok' if ratio <= 1.2 else 'OVER TARGET'}); of it, fixed "
+            f"{split - batches:.2f} s (workers ready after {ready:.2f} s) and arithmetic "
+            f"{batches:.2f} s",
+        ]
+    measured = [way for way in timed if way.startswith("probes, warm, ")]
+    if measured:
+        lines.append(f"  the measured batch against the default: {timed[measured[0]][0] / timed['probes, warm'][0]:.2f}x "
+                     f"the scorer's time (cold scorer, default batch: {timed['probes'][0]:.2f} s)")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Scoring in one process that imports train.py (the evaluation before the split): the
 reference benchmarks/bench_eval.py times the trusted scorer against.
 
-    python benchmarks/score_in_process.py CODE OUT DATA EVAL_TOKENS SEQ_LEN DEVICE EXTRA_ROWS
+    python benchmarks/score_in_process.py CODE OUT DATA EVAL_TOKENS SEQ_LEN DEVICE EXTRA_ROWS [ROWS]
 
-Prints the val_bpb. EXTRA_ROWS more rows are forwarded unscored: the probes' share.
+Prints the val_bpb. EXTRA_ROWS more rows are forwarded unscored: the probes' share. ROWS:
+rows per batch (default: the scorer's default for the device).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sandbox.evaluate import SPLITS, load_data, pick_batch_size, split_rows  # n
 
 
 def in_process(code_dir: Path, out_dir: Path, data_dir: Path, eval_tokens: int, seq_len: int,
-               device: str, extra_rows: int = 0) -> tuple[float, float]:
+               device: str, extra_rows: int = 0, batch_rows: int | None = None) -> tuple[float, float]:
     """(val_bpb, seconds): import train.py here, forward every row, cross-entropy here;
     `extra_rows` more rows of the val split forwarded too (the probes' share, unscored)."""
     started = time.monotonic()
@@ -38,7 +39,7 @@ def in_process(code_dir: Path, out_dir: Path, data_dir: Path, eval_tokens: int, 
     model.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True))
     model = model.to(device).eval()
     data = load_data(data_dir)
-    batch = pick_batch_size(device, seq_len, data.vocab_size)
+    batch = batch_rows or pick_batch_size(device, seq_len, data.vocab_size)
     autocast = (torch.autocast("cuda", torch.bfloat16) if device == "cuda"
                 else contextlib.nullcontext())
     bpb = {}
@@ -73,5 +74,5 @@ def in_process(code_dir: Path, out_dir: Path, data_dir: Path, eval_tokens: int, 
 if __name__ == "__main__":
     code, out, data, tokens, seq_len, device, extra = sys.argv[1:8]
     bpb, _ = in_process(Path(code), Path(out), Path(data), int(tokens), int(seq_len), device,
-                        int(extra))  # fmt: skip
+                        int(extra), int(sys.argv[8]) if len(sys.argv) > 8 else None)  # fmt: skip
     print(bpb)
