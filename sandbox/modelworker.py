@@ -31,13 +31,19 @@ from sandbox.probes import WORKERS
 # The scorer's variables a worker inherits; HOME and TMPDIR are its own private tmp.
 WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
               "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS", "AR_CPU_PRECISION")  # fmt: skip
+              "OPENBLAS_NUM_THREADS", "AR_CPU_PRECISION", "ATEN_CPU_CAPABILITY",
+              "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # fmt: skip
 
 
 def _shared_buffer(size: int, name: str) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, 0)  # not inheritable: handed to the worker by pass_fds only
+    """A memfd and this process's mapping of it. The worker maps the memfd itself (handed
+    by pass_fds only); the mapping here is never inherited: a worker forked from this
+    process later (sandbox/warm.py) would otherwise hold its sibling's inputs and logits."""
+    fd = os.memfd_create(name, 0)  # not inheritable
     os.ftruncate(fd, size)
-    return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    buffer.madvise(mmap.MADV_DONTFORK)
+    return fd, buffer
 
 
 class Worker:

@@ -48,9 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WARM_VARIABLE = "AR_SANDBOX_WARM"  # "0": always cold; "1": warm for CUDA jobs too; unset: CPU
-SPAWN, READY = b"SPWN", b"REDY"
+SPAWN, READY, GO = b"SPWN", b"REDY", b"GO"
 READY_TIMEOUT_S = 180.0  # the server's imports, on a busy machine
 SPAWN_TIMEOUT_S = 10.0  # from the request to the child's `PID n`
+REAP_WAIT_S = 2.0  # for a child that could not start to exit after saying so
 PR_GET_CHILD_SUBREAPER = 37
 # Read by the libraries when they load (once, in the server): a job whose value differs
 # needs a server of its own. Everything else is the job's own, set when it starts.
@@ -165,7 +166,12 @@ class Runtime:
                 finally:
                     theirs.close()
                 try:
-                    return WarmProcess(_read_pid(ours))
+                    pid = _read_pid(ours)
+                    try:  # the child starts only now: had this given up, it would not start at all
+                        ours.send(GO)
+                    except OSError as exc:
+                        raise WarmUnavailable(f"the warm child is gone ({exc})") from None
+                    return WarmProcess(pid)
                 except WarmUnavailable as exc:
                     if not self._alive():  # it died: the next job starts a new one
                         self._stop(str(exc))
@@ -292,7 +298,27 @@ def _read_pid(channel: socket.socket) -> int:
     word, _, rest = answer.partition(" ")
     if word == "PID" and rest.isdigit():
         return int(rest)
-    raise WarmUnavailable(rest if word == "FAIL" else "the warm server broke the protocol")
+    if word == "FAIL":
+        pid, _, why = rest.partition(" ")
+        if pid.isdigit():
+            _reap(int(pid))
+        raise WarmUnavailable(why)
+    raise WarmUnavailable("the warm server broke the protocol")
+
+
+def _reap(pid: int, seconds: float = REAP_WAIT_S) -> None:
+    """Wait for a child that could not start: it exits as it answers, handed to this
+    process (a subreaper), and would stay a zombie of this long-lived process."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            pass  # not handed over yet, or not ours
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
 
 
 def fork_launch(launcher: list[str], cwd: str, env: dict[str, str], stdio: tuple[int, int, int],

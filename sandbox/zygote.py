@@ -34,7 +34,7 @@ import sys
 
 from sandbox import inprocess
 
-SPAWN, READY = b"SPWN", b"REDY"
+SPAWN, READY, GO = b"SPWN", b"REDY", b"GO"
 MAX_REQUEST_BYTES = 1 << 20
 MAX_FDS = 64
 # What training jobs and model workers import. torch._dynamo too: torch.optim imports it
@@ -78,8 +78,10 @@ def start_child(request: dict, fds: list[int], reply=None) -> None:
         _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # as after exec: its own /proc stays its own
         options = _launcher().parse(list(request["launcher"]))
         env = {str(key): str(value) for key, value in request["env"].items()}
-        if reply is not None:
+        if reply is not None:  # then wait for the runtime's go: one that gave up runs it cold
             reply.send(f"PID {os.getpid()}".encode())
+            if reply.recv(len(GO)) != GO:
+                os._exit(EXIT_SETUP_FAILED)
             reply.close()
     except Exception as exc:  # noqa: BLE001 (anything: the job must not start)
         _fail(f"the warm launcher failed: {type(exc).__name__}: {exc}", reply)
@@ -126,8 +128,8 @@ def _dup_above(fd: int, floor: int, close: bool = False) -> int:
 
 def _fail(why: str, reply) -> None:
     try:
-        if reply is not None:
-            reply.send(f"FAIL {why}".encode()[:4096])
+        if reply is not None:  # with its pid: the runtime's process reaps it (warm._read_pid)
+            reply.send(f"FAIL {os.getpid()} {why}".encode()[:4096])
         else:
             os.write(2, f"[sandbox] {why}\n".encode())
     except OSError:

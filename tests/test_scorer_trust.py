@@ -214,6 +214,9 @@ REPORT = '''
 import os
 print("worker env:", os.environ["HOME"], os.environ["TMPDIR"],
       os.environ.get("TORCHINDUCTOR_CACHE_DIR"), flush=True)
+with open("/proc/self/maps") as maps:  # the scorer's shared buffers this worker can reach
+    shared = sorted({ln.split("memfd:")[1].split()[0] for ln in maps if "memfd:ar-" in ln})
+print("worker buffers:", *shared, flush=True)
 '''
 
 
@@ -250,6 +253,11 @@ def test_files_the_job_plants_in_its_tmp_never_reach_the_scorer(micro_ws, tmp_pa
     assert Path(tmp) == Path(home) and inductor == "None"
     assert scorer_home.name.startswith("ar-score-") and not scorer_home.exists()  # removed after
     assert not Path(home).is_relative_to(run_dir.resolve())
+    for index in (0, 1):  # forked from the scorer, a worker maps its own buffers, not its sibling's
+        line = next(ln for ln in (run_dir / f"worker-{index}.log").read_text().splitlines()
+                    if ln.startswith("worker buffers:"))  # fmt: skip
+        names = line.split()[2:]
+        assert names and all(name.endswith(f"-{index}") for name in names), line
 
 
 # ---------------------------------------------------------------------------

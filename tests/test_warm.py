@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox import warm
+from sandbox import proctree, warm
 from sandbox.confine import Confinement
 from sandbox.runner import Limits, job_env, run
 
@@ -244,3 +244,20 @@ def test_a_runs_load_sample_waits_for_its_own_starting_server():
                           timeout=240, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "True"]  # starting when asked, serving after
+
+
+def test_a_child_that_cannot_start_says_why_and_leaves_no_zombie(tmp_path, warm_runtime):
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    out.mkdir()
+    proctree.set_subreaper(True)  # as runner.run is: the failed child is handed to this process
+    try:
+        with open(log, "wb") as sink, open(os.devnull, "rb") as null:
+            with pytest.raises(warm.WarmUnavailable, match="FileNotFoundError"):  # no such cwd
+                warm_runtime.spawn([sys.executable, "sandbox/limits.py", "--", sys.executable,
+                                    "-c", "pass"], str(tmp_path / "gone"), job_env({}),
+                                   (null.fileno(), sink.fileno(), sink.fileno()))  # fmt: skip
+        time.sleep(0.2)  # a child left unreaped would be a zombie by now
+        zombies = [child.pid for child in psutil.Process().children() if child.status() == "zombie"]
+    finally:
+        proctree.set_subreaper(False)
+    assert not zombies
