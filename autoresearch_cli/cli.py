@@ -146,10 +146,11 @@ def _report_recovered(current) -> None:
         )
 
 
-def _check_confinement(current, model_backed: bool, allowed: bool) -> None:
+def _check_confinement(current, model_backed: bool, allowed: bool, explore: float = 0.0) -> None:
     """Say once per command when the kernel cannot confine the candidate's code; refuse to
     run model-written code then (the agent is model-backed, or a model wrote a commit the
-    branch holds), unless the user named the risk."""
+    branch holds or, with `explore` > 0, one the search may build on), unless the user
+    named the risk."""
     from autoresearch_cli.agents import model_backed as named_model_backed
     from autoresearch_cli.research.loop import runs_model_code
     from sandbox.confine import support
@@ -163,7 +164,7 @@ def _check_confinement(current, model_backed: bool, allowed: bool) -> None:
     current.ledger.add_event("unconfined", None, level.note)
     typer.secho(f"warning: no confinement on this machine ({level.note}): train.py runs with "
                 "your user's access to files and processes", fg=typer.colors.YELLOW, err=True)
-    if not allowed and runs_model_code(current, model_backed, named_model_backed):
+    if not allowed and runs_model_code(current, model_backed, named_model_backed, explore):
         raise ArError("refusing to run LLM-written train.py unconfined; pass --unsafe-unconfined "
                       "to accept that it can read and change anything your user can")
 
@@ -260,7 +261,7 @@ def iterate(
                     on_stream=lambda tokens, seconds: display("answering", tokens=tokens, seconds=seconds),
                 )  # each proposal's model calls are recorded against its experiment (pipeline)
                 _check_confinement(current, model_backed=chosen.model_backed,
-                                   allowed=unsafe_unconfined)
+                                   allowed=unsafe_unconfined, explore=settings.explore)
                 outcome = loop.iterate(current, chosen, name, n, display, workers=workers,
                                        backend=backend, address=address, hours=hours)
                 status = display.status_line()

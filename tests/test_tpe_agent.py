@@ -98,6 +98,38 @@ def test_proposals_are_reproducible_keep_the_batch_rule_and_are_registered():
     assert isinstance(make_agent(settings, name="tpe", seed=3), TPEAgent)
 
 
+def test_a_parent_unlike_the_baseline_moves_what_it_has_and_keeps_the_rest_as_written():
+    """Parents beyond the tip may differ from the baseline the space was read from: a
+    constant it lacks (or no longer writes as a literal) is not drawn, and only what is
+    drawn is written (a value outside the space's range or finer than its steps stays)."""
+    from autoresearch_cli.doors.template import set_constants
+
+    parent = set_constants(TRAIN_PY, {"WINDOW_PATTERN": '"L" if True else "S"',
+                                      "ADAM_BETAS": "(0.9,)", "MATRIX_LR": "0.2",
+                                      "EMBEDDING_LR": "0.6125"})  # fmt: skip
+    before = values(parent)
+    rewritten = 0
+    for seed in range(20):
+        after = values(TPEAgent(seed=seed).propose(parent, "", _history(0)).train_py)
+        changed = {name for name in before if before[name] != after.get(name)}
+        assert 1 <= len(changed) <= 3 and "WINDOW_PATTERN" not in after
+        rewritten += "MATRIX_LR" in changed and "EMBEDDING_LR" in changed
+    assert rewritten < 3  # drawn together now and then, not rewritten by every proposal
+
+
+def test_a_negative_constant_gets_a_linear_range_and_zero_none():
+    space = {dim.param: dim for dim in infer_space(
+        "LOSS_BIAS = -0.5  # added to the loss\nZERO = 0.0  # nothing\n")}  # fmt: skip
+    assert (space["LOSS_BIAS"].low, space["LOSS_BIAS"].high) == (-1.5, pytest.approx(-1 / 6))
+    assert not space["LOSS_BIAS"].log and "ZERO" not in space
+    train_py = "LOSS_BIAS = -0.5  # added to the loss\nMATRIX_LR = 0.04  # matrices\n"
+    history = History([HistoryItem(0, "baseline", 1.6, "baseline", None, sha="b",
+                                   kind="baseline", level=1.6)], sources={"b": train_py})  # fmt: skip
+    for seed in range(5):
+        after = values(TPEAgent(seed=seed).propose(train_py, "", history).train_py)
+        assert -1.5 <= after["LOSS_BIAS"] <= -1 / 6
+
+
 def test_the_history_becomes_trials_a_failure_counts_worse_than_the_worst():
     space = infer_space(SYNTHETIC)
     a = SYNTHETIC.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05")

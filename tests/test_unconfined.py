@@ -50,3 +50,35 @@ def test_model_written_code_on_the_branch_is_refused_whatever_the_agent(micro_ws
         assert "refusing to run LLM-written train.py unconfined" in result.output
     with Ledger.for_workspace(root) as ledger:
         assert [run.id for run in ledger.runs()] == [first, made]  # nothing more ran
+
+
+def test_a_model_written_candidate_the_search_may_build_on_is_refused_too(micro_ws, cli,
+                                                                         monkeypatch):
+    """Parents beyond the tip (agents/parents.py): a discarded candidate an llm agent wrote
+    may be built on by the random agent, so it counts unless the search builds on the best
+    alone ([agent] explore = 0)."""
+    from autoresearch_cli.doors import gitops
+
+    monkeypatch.setenv("AR_SANDBOX_LANDLOCK", "0")
+    root, base = micro_ws.root, micro_ws.tip()
+    with (root / "train.py").open("a") as handle:
+        handle.write("# written by a model\n")
+    written = gitops.commit_all(root, "a model's change")
+    gitops.git(root, "reset", "--hard", base)  # discarded: the branch stays at the baseline
+    with Ledger.for_workspace(root) as ledger:
+        first = ledger.start_experiment("baseline", base, "baseline", None, status="running")
+        ledger.finish(first, "ok", {"status": "ok", "val_bpb": 3.0}, sha=base)
+        made = ledger.start_experiment("experiment", base, "a model's change", "llm",
+                                       status="running")
+        ledger.finish(made, "ok", {"status": "ok", "val_bpb": 2.9}, sha=written)
+        ledger.settle(made, "discard")
+    result = cli("iterate", "--n", "1", "--agent", "random")
+    assert result.exit_code == 1, result.output
+    assert "refusing to run LLM-written train.py unconfined" in result.output
+    from autoresearch_cli.agents import model_backed
+    from autoresearch_cli.research import session
+    from autoresearch_cli.research.loop import runs_model_code
+
+    with session.session(micro_ws, "test") as current:  # building on the tip alone: clean
+        assert runs_model_code(current, False, model_backed, explore=1.0)
+        assert not runs_model_code(current, False, model_backed, explore=0.0)

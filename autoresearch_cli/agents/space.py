@@ -142,16 +142,22 @@ def dimensions_of(constant: Constant, constants: dict[str, Constant]) -> list[Di
     if isinstance(value, str):
         choices = tuple(dict.fromkeys((value, *WINDOW_PATTERNS)))
         return [Dimension(name, name, "choice", choices=choices)]
-    if isinstance(value, tuple):
-        return [_momentum(f"{name}[{i}]", name, v, index=i) for i, v in enumerate(value)]
+    if isinstance(value, tuple):  # momenta: each element in (0, 1); others stay as they are
+        return [_momentum(f"{name}[{i}]", name, v, index=i) for i, v in enumerate(value)
+                if type(v) is float and 0 < v < 1]  # fmt: skip
     if "BATCH" in name and type(value) is int:
         return _batch(constant, constants)
     if isinstance(value, float) and _momentum_named(words) and 0 < value < 1:
         return [_momentum(name, name, value)]
     if isinstance(value, float) and words & set(RATIO_WORDS) and 0 <= value <= 1:
         return [Dimension(name, name, "float", 0.0, min(1.0, max(RATIO_SPAN, 2 * value)))]
+    if value == 0:  # no scale to go by: only a written range (`# in [a, b]`) moves it
+        return []
     if type(value) is int:
-        return [_integer(constant, words)]
+        return [_integer(constant, words)] if value > 0 else [
+            Dimension(name, name, "int", value * SPAN, math.ceil(value / SPAN))]
+    if value < 0:  # the same magnitudes as a positive one, on a linear scale
+        return [Dimension(name, name, "float", value * SPAN, value / SPAN)]
     return [Dimension(name, name, "float", value / SPAN, value * SPAN, log=True)]
 
 
@@ -244,7 +250,7 @@ def sources(space: list[Dimension], params: dict[str, Any],
     tuples: dict[str, list[Any]] = {}
     device = next((d for d in space if d.encoding == "log2" and "DEVICE" in d.constant), None)
     for dim in space:
-        if dim.param not in params:
+        if dim.param not in params or dim.constant not in constants:
             continue
         value = params[dim.param]
         if dim.index is not None:
@@ -255,7 +261,10 @@ def sources(space: list[Dimension], params: dict[str, Any],
             written[dim.constant] = f"{quote}{value}{quote}"
         elif dim.encoding == "accumulation":
             exponent = params.get(device.param) if device else None
-            base = 2 ** int(exponent) if exponent is not None else _partner(constants, "DEVICE").value  # type: ignore[union-attr]
+            partner = _partner(constants, "DEVICE")
+            if exponent is None and partner is None:
+                continue  # no device batch to accumulate over
+            base = 2 ** int(exponent) if exponent is not None else partner.value  # type: ignore[union-attr]
             written[dim.constant] = _power(base * 2 ** int(value), constants[dim.constant])
         elif dim.encoding == "log2":
             written[dim.constant] = _power(2 ** int(value), constants[dim.constant])

@@ -147,12 +147,27 @@ def _constants(source: str) -> dict:
 
 
 def local_move(space: list[Dimension], constants: dict, rng: random.Random) -> dict[str, Any]:
-    """The parent's point with one or two dimensions drawn anew within their ranges (a
-    draw may land on the parent's value: the caller draws again)."""
-    params = {dim.param: dim.read(constants) for dim in space}
-    for dim in rng.sample(space, min(len(space), rng.choice(MOVES))):
-        params[dim.param] = draw(dim, rng)
-    return {name: value for name, value in params.items() if value is not None}
+    """One or two of the dimensions the parent has, drawn anew within their ranges (a
+    draw may land on the parent's value: the caller draws again); the rest of the parent
+    stays as written (see moved)."""
+    here = {dim.param: dim.read(constants) for dim in space}
+    movable = [dim for dim in space if here[dim.param] is not None]
+    drawn = {dim.param: draw(dim, rng)
+             for dim in rng.sample(movable, min(len(movable), rng.choice(MOVES)))}  # fmt: skip
+    return moved(space, here, drawn)
+
+
+def moved(space: list[Dimension], here: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The params to write: the `new` values, and with a new device batch the total's
+    accumulation as the parent has it (the two move together). Values not moved are not
+    written: the parent's literal stays, even where the space would clip or round it."""
+    params = dict(new)
+    if any(dim.encoding == "log2" and "DEVICE" in dim.constant and dim.param in new
+           for dim in space):  # fmt: skip
+        for dim in space:
+            if dim.encoding == "accumulation" and here.get(dim.param) is not None:
+                params.setdefault(dim.param, here[dim.param])
+    return params
 
 
 def draw(dim: Dimension, rng: random.Random) -> Any:
@@ -171,13 +186,11 @@ def focus(space: list[Dimension], constants: dict, suggested: dict[str, Any],
     """The parent's point with one or two of the dimensions TPE moved set to TPE's values:
     the model picks the values, a small step keeps what the parent got right."""
     here = {dim.param: dim.read(constants) for dim in space}
-    moved = [dim.param for dim in space
-             if here[dim.param] is not None and dim.param in suggested
-             and _differs(dim, here[dim.param], suggested[dim.param])]
-    point = {name: value for name, value in here.items() if value is not None}
-    for name in rng.sample(moved, min(len(moved), rng.choice(MOVES))):
-        point[name] = suggested[name]
-    return point
+    changed = [dim.param for dim in space
+               if here[dim.param] is not None and dim.param in suggested
+               and _differs(dim, here[dim.param], suggested[dim.param])]
+    chosen = rng.sample(changed, min(len(changed), rng.choice(MOVES)))
+    return moved(space, here, {name: suggested[name] for name in chosen})
 
 
 MIN_STEP = 0.001  # of a dimension's range: a smaller move is no move

@@ -15,6 +15,7 @@ from autoresearch_cli.backends import DataAccess, open_backend
 from autoresearch_cli.backends.base import Backend
 from autoresearch_cli.doors import gitops
 from autoresearch_cli.doors.data import prepare_data, read_manifest
+from autoresearch_cli.doors.records import NEW_COMMIT_KINDS, Run
 from autoresearch_cli.errors import ArError
 from autoresearch_cli.research import studies
 from autoresearch_cli.research.evidence import CommitEvidence
@@ -113,20 +114,34 @@ def revert(current: Session, sha: str) -> tuple[str, str]:
     return tip, target
 
 
-def runs_model_code(current: Session, model_backed: bool, is_model_backed) -> bool:
+def runs_model_code(current: Session, model_backed: bool, is_model_backed,
+                    explore: float = 0.0) -> bool:
     """Whether this command may run train.py a model wrote: the agent is model-backed, or
-    any commit between the branch tip and the baseline was proposed by a model-backed
-    agent (`is_model_backed(agent name)`; a name ar does not know counts as one)."""
+    a commit it may build on descends from one a model-backed agent proposed
+    (`is_model_backed(agent name)`; a name ar does not know counts as one). It builds on
+    the branch tip, and with `explore` > 0 on any commit the search offers (agents/parents:
+    the keeps, the baseline, and discarded candidates, which any of them may become)."""
     if model_backed:
         return True
     evidence = current.evidence()
-    sha, seen = current.ws.tip(), set()
-    while sha and sha not in seen and sha != evidence.baseline_sha:
-        seen.add(sha)
-        made = evidence.proposer(sha)
-        if made is None or made.kind == "baseline":
-            return False
-        if is_model_backed(made.agent):
-            return True
-        sha = made.parent_sha
+    made: dict[str, Run] = {}
+    for run in evidence.runs:  # the run that made each commit, as Evidence.proposer says
+        if run.sha and (run.kind in NEW_COMMIT_KINDS or run.kind == "baseline"):
+            if run.sha not in made or (made[run.sha].kind == "baseline" and run.kind != "baseline"):
+                made[run.sha] = run
+    starts = {current.ws.tip()}
+    if explore > 0:
+        starts |= {sha for sha, run in made.items() if run.kind in NEW_COMMIT_KINDS}
+    clean: set[str] = set()  # commits whose ancestry holds no model's code
+    for start in starts:
+        sha, path = start, []
+        while sha and sha not in clean and sha not in path and sha != evidence.baseline_sha:
+            run = made.get(sha)
+            if run is None or run.kind == "baseline":
+                break
+            if is_model_backed(run.agent):
+                return True
+            path.append(sha)
+            sha = run.parent_sha
+        clean.update(path)
     return False
