@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import math
 import operator
 import re
@@ -126,16 +127,45 @@ def find_repeat(parent_py: str, new_py: str, history: History) -> Repeat | None:
     text = normal_form(new_py)
     if change is None or text is None:
         return None
+    digest = _digest(text)
     for item in history.items:
-        source = history.train_py(item.sha)
-        if source is None:
+        known = _commit(history, item)
+        if known is None:
             continue
-        if normal_form(source) == text:
+        if known[0] == digest:
             return Repeat(item, "the same train.py")
-        parent = history.train_py(item.parent_sha)
-        if change and parent is not None and change_of(parent, source) == change:
+        if change and known[1] == change:
             return Repeat(item, "the same change")
     return None
+
+
+MAX_COMMITS = 20_000  # commits whose normal form and change are kept between proposals
+_commits: dict[tuple, tuple[str | None, tuple[Hunk, ...] | None]] = {}
+
+
+def _commit(history: History, item: HistoryItem) -> tuple[str | None, tuple[Hunk, ...] | None] | None:
+    """(digest of its normal form, its change from its parent) of an item's commit; None
+    when the history does not hold its train.py. A commit never changes: each is worked
+    out once per process, not once per draw of every proposal (an agent draws dozens)."""
+    source = history.train_py(item.sha)
+    if source is None:
+        return None
+    parent = history.train_py(item.parent_sha)
+    key = (str(item.sha), item.parent_sha, hash(source), hash(parent))  # the texts' own hashes:
+    known = _commits.get(key)  # a name a caller made up may hold another text elsewhere
+    if known is None:
+        text = normal_form(source)
+        known = (None if text is None else _digest(text),
+                 None if parent is None else change_of(parent, source))
+        if len(_commits) >= MAX_COMMITS:
+            _commits.clear()
+        _commits[key] = known
+    return known
+
+
+def _digest(lines: tuple[str, ...]) -> str:
+    """A normal form's fingerprint (keeping the forms would keep whole files)."""
+    return hashlib.blake2b("\n".join(lines).encode(), digest_size=16).hexdigest()
 
 
 def repeat_message(repeat: Repeat) -> str:
