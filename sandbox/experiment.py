@@ -138,7 +138,8 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
     device = resolve_device(spec.device)
     _own_server_settled()  # before the load is sampled: its imports are not competition
     settled = time.monotonic()
-    cpu = _cpu_plan(device)
+    rows = scorer_rows(spec, device)  # measured on a machine's first run (seconds), then cached
+    cpu = _cpu_plan(device)  # after it: the load sample sees the machine as the job will
     planned = time.monotonic()
     hard_kill = spec.time_budget + spec.startup_allowance
     env = job_env({
@@ -196,7 +197,8 @@ def run_experiment(spec: ExperimentSpec, on_progress: Callable | None = None) ->
             ("train.py saved no weights: it must end with prepare.save_for_eval(model, config)"),
         )
     else:
-        result.status, result.reason = _score(spec, run_dir, device, cpu.env, result, runtime)
+        result.status, result.reason = _score(spec, run_dir, device, cpu.env, result, runtime,
+                                              rows)  # fmt: skip
     shutil.rmtree(tmp_dir, ignore_errors=True)
     result.total_seconds = round(time.monotonic() - begun, 2)
     before = {"plan": planned - settled, "server": settled - begun + served - planned}
@@ -318,14 +320,14 @@ def scorer_rows(spec: ExperimentSpec, device: str) -> int | None:
 
 
 def _score(spec: ExperimentSpec, run_dir: Path, device: str, cpu_env: dict[str, str],
-           result: ExperimentResult, runtime: warm.Runtime | None) -> tuple[str, str | None]:  # fmt: skip
+           result: ExperimentResult, runtime: warm.Runtime | None,
+           rows: int | None) -> tuple[str, str | None]:  # fmt: skip
     """Run the trusted scorer (itself unconfined: it never runs the candidate's code) in a
     fresh private directory, its HOME, removed afterwards; record what it says in `result`."""
     eval_json = run_dir / "eval.json"
     eval_json.unlink(missing_ok=True)
     home = Path(tempfile.mkdtemp(prefix="ar-score-"))
     started = time.monotonic()
-    rows = scorer_rows(spec, device)
     warm_scorer = runtime is not None and runtime.wait_ready(WARM_WAIT_S)
     command = scorer_command(spec, run_dir, device, warm_scorer and device == "cpu" and spec.confine,
                              rows)  # fmt: skip
