@@ -296,10 +296,23 @@ class Evidence:
     def proposer(self, sha: str | None) -> Run | None:
         """The run that made `sha`: its experiment (or repair, combination), else the
         first baseline run of it."""
-        made = [run for run in self.runs if run.sha == sha and run.kind in NEW_COMMIT_KINDS]
-        if made:
-            return made[0]
-        return next((run for run in self.runs if run.sha == sha and run.kind == "baseline"), None)
+        return self._proposers.get(sha) if sha else None
+
+    @cached_property
+    def _proposers(self) -> dict[str, Run]:
+        made: dict[str, Run] = {}
+        for run in self.runs:
+            if run.sha and run.kind == "baseline":
+                made.setdefault(run.sha, run)
+        for run in reversed(self.runs):  # the first experiment of a commit wins over a baseline
+            if run.sha and run.kind in NEW_COMMIT_KINDS:
+                made[run.sha] = run
+        return made
+
+    @property
+    def proposed(self) -> list[str]:
+        """Every commit an experiment, repair or combination made."""
+        return [sha for sha, run in self._proposers.items() if run.kind in NEW_COMMIT_KINDS]
 
     # --- the branch's record -------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from autoresearch_cli.backends import DataAccess, open_backend
 from autoresearch_cli.backends.base import Backend
 from autoresearch_cli.doors import gitops
 from autoresearch_cli.doors.data import prepare_data, read_manifest
-from autoresearch_cli.doors.records import NEW_COMMIT_KINDS, Run
 from autoresearch_cli.errors import ArError
 from autoresearch_cli.research import studies
 from autoresearch_cli.research.evidence import CommitEvidence
@@ -124,19 +123,12 @@ def runs_model_code(current: Session, model_backed: bool, is_model_backed,
     if model_backed:
         return True
     evidence = current.evidence()
-    made: dict[str, Run] = {}
-    for run in evidence.runs:  # the run that made each commit, as Evidence.proposer says
-        if run.sha and (run.kind in NEW_COMMIT_KINDS or run.kind == "baseline"):
-            if run.sha not in made or (made[run.sha].kind == "baseline" and run.kind != "baseline"):
-                made[run.sha] = run
-    starts = {current.ws.tip()}
-    if explore > 0:
-        starts |= {sha for sha, run in made.items() if run.kind in NEW_COMMIT_KINDS}
+    starts = [current.ws.tip(), *(evidence.proposed if explore > 0 else ())]
     clean: set[str] = set()  # commits whose ancestry holds no model's code
     for start in starts:
         sha, path = start, []
         while sha and sha not in clean and sha not in path and sha != evidence.baseline_sha:
-            run = made.get(sha)
+            run = evidence.proposer(sha)
             if run is None or run.kind == "baseline":
                 break
             if is_model_backed(run.agent):
