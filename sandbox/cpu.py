@@ -26,6 +26,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+from sandbox.files import write_json_atomic
 
 PRECISION_MARGIN = 1.15  # bf16 must beat fp32 by this much: it costs accuracy, timings are noisy
 BUSY_SAMPLE_SECONDS = 0.5  # window over which other processes' CPU use is measured
@@ -148,9 +151,24 @@ def default_cache_dir() -> Path:
     return Path(base) / "ar"
 
 
-def _cache_path(cache_dir: Path, key: dict[str, str]) -> Path:
+def cache_path(cache_dir: Path, key: dict[str, str], name: str = "cpu-precision") -> Path:
+    """Where a measurement under `key` is cached: one file per key."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / f"cpu-precision-{digest}.json"
+    return cache_dir / f"{name}-{digest}.json"
+
+
+def run_measurement(args: list[str], env: dict[str, str], what: str) -> Any:
+    """`python -m ARGS` of this package in a fresh subprocess with `env` on top of this
+    process's (so the parent's torch settings do not leak in): the JSON of its last line.
+    RuntimeError (naming `what`) when it fails; subprocess.TimeoutExpired past the limit."""
+    child_env = {**os.environ, **env}
+    package = str(Path(__file__).resolve().parents[1])
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package, child_env.get("PYTHONPATH")]))
+    completed = subprocess.run([sys.executable, "-m", *args], env=child_env, capture_output=True,
+                               text=True, timeout=MEASURE_TIMEOUT_SECONDS)  # fmt: skip
+    if completed.returncode != 0:
+        raise RuntimeError(f"the {what} failed: {completed.stderr.strip()[-300:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def decide_precision(seconds: dict[str, float], native: bool) -> tuple[str, str, str]:
@@ -180,24 +198,7 @@ def decide_precision(seconds: dict[str, float], native: bool) -> tuple[str, str,
 def measure_precision(env: dict[str, str] | None = None) -> dict[str, float]:
     """Seconds per step in bf16 and fp32, measured in a fresh subprocess with `env`'s
     threads (the job's), so the parent's torch settings do not leak in."""
-    child_env = {**os.environ, **(env or {})}
-    completed = subprocess.run(
-        [sys.executable, "-m", "sandbox.cpu", "--measure"],
-        env={
-            **child_env,
-            "PYTHONPATH": os.pathsep.join(
-                filter(
-                    None, [str(Path(__file__).resolve().parents[1]), child_env.get("PYTHONPATH")]
-                )
-            ),
-        },
-        capture_output=True,
-        text=True,
-        timeout=MEASURE_TIMEOUT_SECONDS,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"the precision measurement failed: {completed.stderr.strip()[-300:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_measurement(["sandbox.cpu", "--measure"], env or {}, "precision measurement")
 
 
 def cached_precision(cache_dir: Path, env: dict[str, str]) -> dict:
@@ -206,7 +207,7 @@ def cached_precision(cache_dir: Path, env: dict[str, str]) -> dict:
     A cache that cannot be written (read-only home) only costs a measurement next time.
     """
     key = cache_key()
-    path = _cache_path(cache_dir, key)
+    path = cache_path(cache_dir, key)
     try:
         entry = json.loads(path.read_text())
         if entry.get("key") == key:
@@ -232,10 +233,7 @@ def cached_precision(cache_dir: Path, env: dict[str, str]) -> dict:
         "date": datetime.date.today().isoformat(),
     }
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, entry, sort_keys=True)
     except OSError:
         pass
     return entry

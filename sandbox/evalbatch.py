@@ -19,21 +19,19 @@ Importing this module does not import torch; only a measurement does, in a subpr
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from sandbox import cpu
+from sandbox.files import write_json_atomic
 
 CACHE_VERSION = 1  # bump when the measurement changes
 TOKENS = (512, 1024, 2048, 4096, 8192, 16384)  # batch sizes tried, in tokens (rows = tokens // T)
 ROUNDS = 3  # interleaved rounds; the best of each size counts (load only slows a round down)
 TOKENS_PER_TRY = 4096  # tokens forwarded per size and round
 MARGIN = 1.03  # a larger batch within this of the fastest wins: fewer round trips per scoring
-TIMEOUT_S = 120.0
 WIDTH, DEPTH, HEAD_DIM = 128, 2, 64  # the cpu template's model (autoresearch_cli/doors/template.py)
 
 
@@ -48,8 +46,7 @@ def rows_per_batch(seq_len: int, vocab: int, cache_dir: Path | None = None) -> i
     threads = worker_threads()
     key = {**cpu.cache_key(), "evalbatch": str(CACHE_VERSION), "seq_len": str(seq_len),
            "vocab": str(vocab), "threads": str(threads)}  # fmt: skip
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache_dir or cpu.default_cache_dir()) / f"eval-batch-{digest}.json"
+    path = cpu.cache_path(cache_dir or cpu.default_cache_dir(), key, "eval-batch")
     try:
         entry = json.loads(path.read_text())
         if entry.get("key") == key and int(entry["rows"]) >= 1:
@@ -64,10 +61,7 @@ def rows_per_batch(seq_len: int, vocab: int, cache_dir: Path | None = None) -> i
     entry = {"key": key, "rows": rows, "seconds_per_token": seconds,
              "date": datetime.date.today().isoformat()}  # fmt: skip
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, entry, sort_keys=True)
     except OSError:
         pass  # not cached: measured again next time
     return rows
@@ -81,15 +75,9 @@ def choose(seconds_per_token: dict[str, float]) -> int:
 
 def measure(seq_len: int, vocab: int, threads: int) -> dict[str, float]:
     """Seconds per token of each batch size ({rows: s}), in a fresh subprocess on `threads`."""
-    env = {**os.environ, **cpu.thread_env(threads, cpu.QUIET_WAIT_POLICY),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "sandbox.evalbatch", "--measure", str(seq_len),
-                           str(vocab)], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"the batch measurement failed: {done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return cpu.run_measurement(["sandbox.evalbatch", "--measure", str(seq_len), str(vocab)],
+                               cpu.thread_env(threads, cpu.QUIET_WAIT_POLICY),
+                               "batch measurement")  # fmt: skip
 
 
 def _time_forward(seq_len: int, vocab: int) -> dict[str, float]:
